@@ -31,10 +31,14 @@ export const ERROR_CODES = {
   // services and paths
   SERVICE_UNKNOWN: "the edge named a service home does not list",
   CLIENT_ADDRESS_REFUSED: "the client address is private, loopback or malformed",
+  PROXY_HEADER_MALFORMED: "a PROXY protocol header could not be parsed",
   // configuration and state
   CONFIG_INVALID: "the configuration is invalid",
   STATE_LOCKED: "another mxtunnel command holds the state directory",
   STATE_MISSING: "the state directory has not been initialised",
+  STATE_EXISTS: "the state directory is already initialised",
+  STATE_CORRUPT: "a state file is unreadable or damaged",
+  STATE_INSECURE: "a key file is readable by other users",
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

@@ -1,0 +1,189 @@
+// The edge agent: state, tunnel server, public listeners and the admin socket, started together
+// and stopped together. The CLI's `run` is a thin wrapper over startEdge.
+
+import type net from "node:net";
+import type { AddressInfo } from "node:net";
+import {
+  type AdminRequest,
+  AGENT_VERSION,
+  CloseCode,
+  type EdgeConfig,
+  type FileLock,
+  type Logger,
+  serveAdminSocket,
+} from "@mxtunnel/shared";
+import { type FallbackReason, ForwardListener, smtpTryLater } from "./forward-listener.js";
+import { EdgeState, lockEdgeState } from "./state.js";
+import { type EdgeStatus, edgeStatus } from "./status.js";
+import { TunnelServer } from "./tunnel-server.js";
+
+export interface EdgeAgentOptions {
+  dir: string;
+  config: EdgeConfig;
+  logger: Logger;
+}
+
+export interface EdgeAgent {
+  readonly state: EdgeState;
+  readonly tunnels: TunnelServer;
+  readonly addresses: { tunnel: AddressInfo; smtp: AddressInfo; forwards: AddressInfo[] };
+  status(): EdgeStatus;
+  stop(): Promise<void>;
+}
+
+export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
+  const { dir, config, logger } = options;
+  const lock = await lockEdgeState(dir, "mxtunnel-edge run");
+  const cleanups: (() => Promise<void>)[] = [() => lock.release()];
+  const cleanup = async () => {
+    for (const step of cleanups.reverse()) await step().catch(() => {});
+  };
+  try {
+    const state = await EdgeState.open(dir);
+    const startedAt = Date.now();
+    const tunnels = new TunnelServer({
+      state,
+      listen: config.tunnelListen,
+      hostname: config.hostname,
+      logger: logger.child({ component: "tunnel" }),
+      limits: {
+        handshakesPerIpPerSecond: config.limits.handshakesPerIpPerSecond,
+        handshakeBurst: config.limits.handshakeBurst,
+        handshakesPerSecond: Math.max(50, config.limits.handshakesPerIpPerSecond * 20),
+        maxPendingHandshakes: config.limits.maxPendingHandshakes,
+        authTimeoutMs: config.limits.authTimeout,
+      },
+    });
+    const tunnelAddress = await tunnels.start();
+    cleanups.push(() => tunnels.stop());
+
+    const limits = {
+      maxConnections: config.limits.maxConnections,
+      maxConnectionsPerIp: config.limits.maxConnectionsPerIp,
+      idleTimeoutMs: config.limits.idleTimeout,
+      sessionTimeoutMs: config.limits.sessionTimeout,
+    };
+    const listener = (
+      listen: typeof config.smtpListen,
+      service: string,
+      fallback: (socket: net.Socket, reason: FallbackReason) => void,
+      overLimitReply?: string,
+    ) =>
+      new ForwardListener({
+        listen,
+        service,
+        tunnels,
+        limits,
+        openTimeoutMs: config.openTimeout,
+        stableAfterMs: config.stableAfter,
+        logger: logger.child({ component: service }),
+        fallback,
+        ...(overLimitReply ? { overLimitReply } : {}),
+      });
+    const smtp = listener(
+      config.smtpListen,
+      "smtp",
+      smtpTryLater(config.hostname),
+      `421 4.7.0 ${config.hostname} too many connections, try again later\r\n`,
+    );
+    const smtpAddress = await smtp.start();
+    cleanups.push(() => smtp.stop());
+    const forwards: ForwardListener[] = [];
+    const forwardAddresses: AddressInfo[] = [];
+    for (const forward of config.forwards) {
+      const f = listener(forward.listen, forward.service, (socket) => socket.destroy());
+      forwardAddresses.push(await f.start());
+      forwards.push(f);
+      cleanups.push(() => f.stop());
+    }
+
+    const agent: EdgeAgent = {
+      state,
+      tunnels,
+      addresses: { tunnel: tunnelAddress, smtp: smtpAddress, forwards: forwardAddresses },
+      status: () =>
+        edgeStatus({
+          state,
+          config,
+          running: { startedAt, tunnels, listeners: [smtp, ...forwards] },
+        }),
+      stop: cleanup,
+    };
+
+    const admin = await serveAdminSocket(state.paths.adminSocket, (request) =>
+      handleAdmin(agent, config, request),
+    );
+    cleanups.push(
+      () =>
+        new Promise<void>((resolve) => {
+          admin.close(() => resolve());
+        }),
+    );
+    logger.info(
+      {
+        version: AGENT_VERSION,
+        fingerprint: state.fingerprint,
+        tunnel: `${tunnelAddress.address}:${tunnelAddress.port}`,
+        smtp: `${smtpAddress.address}:${smtpAddress.port}`,
+        homes: state.homes().length,
+      },
+      "edge running",
+    );
+    return agent;
+  } catch (error) {
+    await cleanup();
+    throw error;
+  }
+}
+
+/** Runs until the signal aborts; used by `mxtunnel-edge run`. */
+export async function runEdge(
+  options: EdgeAgentOptions & { signal: AbortSignal; onReady?: (agent: EdgeAgent) => void },
+): Promise<void> {
+  const agent = await startEdge(options);
+  options.onReady?.(agent);
+  await new Promise<void>((resolve) => {
+    if (options.signal.aborted) return resolve();
+    options.signal.addEventListener("abort", () => resolve(), { once: true });
+  });
+  options.logger.info("edge stopping");
+  await agent.stop();
+}
+
+export async function issuePairingToken(
+  state: EdgeState,
+  config: EdgeConfig,
+  options: { ttlMs: number; domains?: string[] | undefined },
+): Promise<{ token: string; expiresAt: string; domains: string[] }> {
+  const domains = options.domains?.length ? options.domains.map((d) => d.toLowerCase()) : config.domains;
+  const unknown = domains.filter((domain) => !config.domains.includes(domain));
+  if (unknown.length) {
+    throw new Error(
+      `--domain ${unknown.join(", ")} is not one of this edge's domains (${config.domains.join(", ")}); add it to edge.json first`,
+    );
+  }
+  const token = await state.issueToken({ ttlMs: options.ttlMs, domains, url: config.publicUrl });
+  return { token, expiresAt: new Date(Date.now() + options.ttlMs).toISOString(), domains };
+}
+
+async function handleAdmin(agent: EdgeAgent, config: EdgeConfig, request: AdminRequest): Promise<unknown> {
+  const args = request.args ?? {};
+  switch (request.command) {
+    case "status":
+      return agent.status();
+    case "pair":
+      return issuePairingToken(agent.state, config, {
+        ttlMs: Number(args.ttlMs),
+        domains: Array.isArray(args.domains) ? args.domains.map(String) : undefined,
+      });
+    case "unpair": {
+      const home = await agent.state.unpair(String(args.home ?? ""));
+      agent.tunnels.disconnect(home.publicKey, CloseCode.UNPAIRED, "unpaired by the edge operator");
+      return { name: home.name, fingerprint: home.fingerprint, wasConnected: true };
+    }
+    default:
+      throw new Error(`unknown admin command ${request.command}`);
+  }
+}
+
+export type { FileLock };

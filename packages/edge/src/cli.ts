@@ -1,0 +1,191 @@
+#!/usr/bin/env node
+// mxtunnel-edge: parses the command line, validates config, and calls the core. Nothing here
+// decides policy; the core never reads argv or env and never exits the process.
+import {
+  AdminUnavailable,
+  AGENT_VERSION,
+  callAdminSocket,
+  collect,
+  createLogger,
+  parseDuration,
+  reportCliError,
+  shutdownSignal,
+} from "@mxtunnel/shared";
+import { Command } from "commander";
+import { issuePairingToken, runEdge } from "./agent.js";
+import { loadEdgeConfigFrom } from "./config.js";
+import { initEdge } from "./init.js";
+import { EdgeState, edgePaths, lockEdgeState } from "./state.js";
+import { type EdgeStatus, edgeStatus, renderEdgeStatus } from "./status.js";
+
+const NAME = "mxtunnel-edge";
+
+/** Runs an admin command on the live agent, or `offline` under the state lock when none runs. */
+async function viaAgentOrLock<T>(
+  dir: string,
+  command: string,
+  args: Record<string, unknown>,
+  offline: (state: EdgeState) => Promise<T>,
+): Promise<T> {
+  try {
+    return (await callAdminSocket(edgePaths(dir).adminSocket, { command, args })) as T;
+  } catch (error) {
+    if (!(error instanceof AdminUnavailable)) throw error;
+  }
+  const lock = await lockEdgeState(dir, `${NAME} ${command}`);
+  try {
+    return await offline(await EdgeState.open(dir));
+  } finally {
+    await lock.release();
+  }
+}
+
+export function buildProgram(): Command {
+  const program = new Command(NAME)
+    .description(
+      "mxtunnel edge agent: holds the public IP, the MX and port 25, and forwards mail to a paired home over an encrypted tunnel",
+    )
+    .version(AGENT_VERSION)
+    .showHelpAfterError()
+    .configureOutput({ outputError: (text, write) => write(text) });
+
+  program
+    .command("init")
+    .description("create a state directory: static key (0600) and edge.json")
+    .requiredOption("--dir <dir>", "state directory to create")
+    .requiredOption("--hostname <name>", "this edge's public host name (the MX target, EHLO name and PTR)")
+    .requiredOption("--domain <domain>", "a mail domain this edge serves (repeatable)", collect)
+    .option("--smtp-listen <addr:port>", "public SMTP listener (default 0.0.0.0:25)")
+    .option("--tunnel-listen <addr:port>", "tunnel listener for homes (default 0.0.0.0:8443)")
+    .option(
+      "--public-url <url>",
+      "tunnel URL homes dial, carried in pairing tokens (default ws://HOSTNAME:PORT)",
+    )
+    .action(
+      async (opts: {
+        dir: string;
+        hostname: string;
+        domain: string[];
+        smtpListen?: string;
+        tunnelListen?: string;
+        publicUrl?: string;
+      }) => {
+        const result = await initEdge({
+          dir: opts.dir,
+          hostname: opts.hostname,
+          domains: opts.domain,
+          smtpListen: opts.smtpListen,
+          tunnelListen: opts.tunnelListen,
+          publicUrl: opts.publicUrl,
+        });
+        process.stdout.write(
+          `initialised ${opts.dir}\n  config  ${result.configPath}\n  key     ${result.fingerprint}\nnext: mxtunnel-edge run --dir ${opts.dir}, then mxtunnel-edge pair --dir ${opts.dir}\n`,
+        );
+      },
+    );
+
+  program
+    .command("pair")
+    .description("print a one-time pairing token for a home (alone on stdout's last line)")
+    .requiredOption("--dir <dir>", "edge state directory")
+    .option("--ttl <duration>", "how long the token stays valid", "1h")
+    .option(
+      "--domain <domain>",
+      "bind the home to this domain (repeatable; default: all of the edge's)",
+      collect,
+    )
+    .action(async (opts: { dir: string; ttl: string; domain?: string[] }) => {
+      const ttlMs = parseDuration(opts.ttl, "--ttl");
+      const config = await loadEdgeConfigFrom(opts.dir);
+      const issued = await viaAgentOrLock(opts.dir, "pair", { ttlMs, domains: opts.domain ?? [] }, (state) =>
+        issuePairingToken(state, config, { ttlMs, domains: opts.domain }),
+      );
+      process.stderr.write(
+        `pairing token for ${config.hostname} (domains ${issued.domains.join(", ")}), single use, valid until ${issued.expiresAt}.\n` +
+          `On the home box: mxtunnel-home pair - --dir /var/lib/mxtunnel-home   (paste it on stdin; keeps it out of shell history)\n`,
+      );
+      process.stdout.write(`${issued.token}\n`);
+    });
+
+  program
+    .command("unpair")
+    .description("revoke a home at once (its live tunnel is closed and reconnects refused)")
+    .requiredOption("--dir <dir>", "edge state directory")
+    .argument("<home>", "home name or key fingerprint (see status)")
+    .action(async (home: string, opts: { dir: string }) => {
+      const removed = await viaAgentOrLock(opts.dir, "unpair", { home }, async (state) => {
+        const record = await state.unpair(home);
+        return { name: record.name, fingerprint: record.fingerprint };
+      });
+      process.stdout.write(`unpaired ${removed.name} (${removed.fingerprint})\n`);
+    });
+
+  program
+    .command("run")
+    .description("run the edge agent (SIGTERM/SIGINT stop it cleanly)")
+    .requiredOption("--dir <dir>", "edge state directory")
+    .option("--check", "validate the config and state, then exit")
+    .option("--smtp-listen <addr:port>", "override smtpListen")
+    .option("--tunnel-listen <addr:port>", "override tunnelListen")
+    .option("--log-level <level>", "override logLevel (trace, debug, info, warn, error)")
+    .action(
+      async (opts: {
+        dir: string;
+        check?: boolean;
+        smtpListen?: string;
+        tunnelListen?: string;
+        logLevel?: string;
+      }) => {
+        const config = await loadEdgeConfigFrom(opts.dir, {
+          smtpListen: opts.smtpListen,
+          tunnelListen: opts.tunnelListen,
+          logLevel: opts.logLevel,
+        });
+        if (opts.check) {
+          const state = await EdgeState.open(opts.dir, { readOnly: true });
+          process.stdout.write(
+            `config OK: ${edgePaths(opts.dir).config}; key ${state.fingerprint}; ${state.homes().length} home(s) paired\n`,
+          );
+          return;
+        }
+        const logger = createLogger({ name: NAME, level: config.logLevel });
+        await runEdge({ dir: opts.dir, config, logger, signal: shutdownSignal() });
+      },
+    );
+
+  program
+    .command("status")
+    .description("paired homes (with a boolean `connected`), RTT, sessions, queues")
+    .requiredOption("--dir <dir>", "edge state directory")
+    .option("--json", "machine-readable output")
+    .action(async (opts: { dir: string; json?: boolean }) => {
+      let status: EdgeStatus;
+      try {
+        status = (await callAdminSocket(
+          edgePaths(opts.dir).adminSocket,
+          { command: "status" },
+          5000,
+        )) as EdgeStatus;
+      } catch (error) {
+        if (!(error instanceof AdminUnavailable)) throw error;
+        const config = await loadEdgeConfigFrom(opts.dir);
+        status = edgeStatus({ state: await EdgeState.open(opts.dir, { readOnly: true }), config });
+      }
+      process.stdout.write(
+        opts.json ? `${JSON.stringify(status, null, 2)}\n` : `${renderEdgeStatus(status)}\n`,
+      );
+    });
+
+  return program;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  try {
+    await buildProgram().parseAsync(argv);
+    return 0;
+  } catch (error) {
+    return reportCliError(NAME, error);
+  }
+}
+
+process.exitCode = await main(process.argv);

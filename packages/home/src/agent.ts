@@ -1,0 +1,160 @@
+// The home agent: one EdgeLink per paired edge, the service connector for forward streams, and
+// the admin socket. The CLI's `run` is a thin wrapper over startHome.
+import {
+  type AdminRequest,
+  AGENT_VERSION,
+  type HomeConfig,
+  type Logger,
+  type MuxStream,
+  ResetCode,
+  serveAdminSocket,
+} from "@mxtunnel/shared";
+import { EdgeLink } from "./edge-link.js";
+import { pairWithEdge } from "./pairing.js";
+import { ServiceConnector, type ServiceTarget } from "./service-connector.js";
+import { type EdgeRecord, HomeState, lockHomeState } from "./state.js";
+import { type HomeStatus, homeStatus } from "./status.js";
+
+export interface HomeAgentOptions {
+  dir: string;
+  config: HomeConfig;
+  logger: Logger;
+  /** Overrides the mux's liveness timing (tests). */
+  mux?: { pingIntervalMs?: number; idleTimeoutMs?: number };
+}
+
+export interface HomeAgent {
+  readonly state: HomeState;
+  readonly links: ReadonlyMap<string, EdgeLink>;
+  readonly connector: ServiceConnector;
+  status(): HomeStatus;
+  /** Resolves once every paired edge has a live tunnel (or rejects after timeoutMs). */
+  waitConnected(timeoutMs: number): Promise<void>;
+  stop(): Promise<void>;
+}
+
+export function serviceTable(config: HomeConfig): Map<string, ServiceTarget> {
+  const services = new Map<string, ServiceTarget>();
+  for (const [name, service] of Object.entries(config.services)) {
+    services.set(name, { target: service.target, proxyProtocol: service.proxyProtocol });
+  }
+  services.set("smtp", { target: config.postfix.inject, proxyProtocol: config.postfix.proxyProtocol });
+  return services;
+}
+
+export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
+  const { dir, config, logger } = options;
+  const lock = await lockHomeState(dir, "mxtunnel-home run");
+  const cleanups: (() => Promise<void>)[] = [() => lock.release()];
+  const cleanup = async () => {
+    for (const step of cleanups.reverse()) await step().catch(() => {});
+  };
+  try {
+    const state = await HomeState.open(dir, { create: true });
+    const startedAt = Date.now();
+    const connector = new ServiceConnector({
+      services: serviceTable(config),
+      allowPrivateClientIPs: config.allowPrivateClientIPs,
+      logger: logger.child({ component: "services" }),
+    });
+    const onStream = (stream: MuxStream) => {
+      if (stream.kind === "forward") connector.handle(stream);
+      else stream.reset(ResetCode.REFUSED, `stream kind ${stream.kind} not served by this home`);
+    };
+    const links = new Map<string, EdgeLink>();
+    const addLink = (edge: EdgeRecord) => {
+      const link = new EdgeLink({
+        edge,
+        keyPair: state.keyPair,
+        logger: logger.child({ component: "tunnel", edge: edge.hostname }),
+        reconnect: { minDelayMs: config.reconnect.minDelay, maxDelayMs: config.reconnect.maxDelay },
+        ...(options.mux ? { mux: options.mux } : {}),
+        onStream,
+      });
+      links.set(edge.publicKey, link);
+      link.start();
+    };
+    for (const edge of state.edges()) addLink(edge);
+    cleanups.push(async () => {
+      await Promise.all([...links.values()].map((link) => link.stop()));
+    });
+    if (links.size === 0)
+      logger.warn("no edge paired yet: run `mxtunnel-home pair` with a token from `mxtunnel-edge pair`");
+
+    const agent: HomeAgent = {
+      state,
+      links,
+      connector,
+      status: () => homeStatus({ state, running: { startedAt, links } }),
+      waitConnected: (timeoutMs) => waitAllConnected(links, timeoutMs),
+      stop: cleanup,
+    };
+    const admin = await serveAdminSocket(state.paths.adminSocket, async (request: AdminRequest) => {
+      const args = request.args ?? {};
+      switch (request.command) {
+        case "status":
+          return agent.status();
+        case "pair": {
+          const edge = await pairWithEdge({
+            token: String(args.token ?? ""),
+            state,
+            name: String(args.name ?? "home"),
+            logger,
+          });
+          const existing = links.get(edge.publicKey);
+          if (existing) await existing.stop();
+          addLink(edge);
+          return edge;
+        }
+        case "unpair": {
+          const edge = await state.removeEdge(String(args.edge ?? ""));
+          await links.get(edge.publicKey)?.stop();
+          links.delete(edge.publicKey);
+          return edge;
+        }
+        default:
+          throw new Error(`unknown admin command ${request.command}`);
+      }
+    });
+    cleanups.push(() => new Promise<void>((resolve) => admin.close(() => resolve())));
+    logger.info(
+      { version: AGENT_VERSION, fingerprint: state.fingerprint, edges: links.size },
+      "home running",
+    );
+    return agent;
+  } catch (error) {
+    await cleanup();
+    throw error;
+  }
+}
+
+export async function runHome(options: HomeAgentOptions & { signal: AbortSignal }): Promise<void> {
+  const agent = await startHome(options);
+  await new Promise<void>((resolve) => {
+    if (options.signal.aborted) return resolve();
+    options.signal.addEventListener("abort", () => resolve(), { once: true });
+  });
+  options.logger.info("home stopping");
+  await agent.stop();
+}
+
+function waitAllConnected(links: ReadonlyMap<string, EdgeLink>, timeoutMs: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const check = () => [...links.values()].every((link) => link.status().connected);
+    if (check()) return resolve();
+    const onUp = () => {
+      if (!check()) return;
+      finish();
+      resolve();
+    };
+    const finish = () => {
+      clearTimeout(timer);
+      for (const link of links.values()) link.off("up", onUp);
+    };
+    const timer = setTimeout(() => {
+      finish();
+      reject(new Error(`tunnels not up within ${timeoutMs} ms`));
+    }, timeoutMs);
+    for (const link of links.values()) link.on("up", onUp);
+  });
+}

@@ -1,0 +1,148 @@
+#!/usr/bin/env node
+// mxtunnel-home: parses the command line, validates config, and calls the core.
+import { readFile } from "node:fs/promises";
+import {
+  AdminUnavailable,
+  AGENT_VERSION,
+  callAdminSocket,
+  configWarnings,
+  createLogger,
+  reportCliError,
+  shutdownSignal,
+} from "@mxtunnel/shared";
+import { Command } from "commander";
+import { runHome } from "./agent.js";
+import { ensureHomeConfig, loadHomeConfigFrom } from "./config.js";
+import { pairWithEdge } from "./pairing.js";
+import { type EdgeRecord, HomeState, homePaths, lockHomeState } from "./state.js";
+import { type HomeStatus, homeStatus, renderHomeStatus } from "./status.js";
+
+const NAME = "mxtunnel-home";
+
+async function readToken(arg: string | undefined, tokenFile: string | undefined): Promise<string> {
+  if (arg && tokenFile)
+    throw new Error("give the token either as an argument or with --token-file, not both");
+  if (tokenFile) return (await readFile(tokenFile, "utf8")).trim();
+  if (arg === "-") {
+    if (process.stdin.isTTY) process.stderr.write("paste the pairing token, then press Enter and Ctrl-D:\n");
+    const chunks: Buffer[] = [];
+    for await (const chunk of process.stdin) chunks.push(chunk as Buffer);
+    return Buffer.concat(chunks).toString("utf8").trim();
+  }
+  if (arg) return arg.trim();
+  throw new Error("no token: pass it as an argument, `-` to read stdin, or --token-file FILE");
+}
+
+async function viaAgentOrLock<T>(
+  dir: string,
+  command: string,
+  args: Record<string, unknown>,
+  offline: (state: HomeState) => Promise<T>,
+): Promise<T> {
+  try {
+    return (await callAdminSocket(homePaths(dir).adminSocket, { command, args })) as T;
+  } catch (error) {
+    if (!(error instanceof AdminUnavailable)) throw error;
+  }
+  const lock = await lockHomeState(dir, `${NAME} ${command}`);
+  try {
+    return await offline(await HomeState.open(dir, { create: command === "pair" }));
+  } finally {
+    await lock.release();
+  }
+}
+
+export function buildProgram(): Command {
+  const program = new Command(NAME)
+    .description(
+      "mxtunnel home agent: dials out to the edge and hands mail to the local Postfix with the real client IP",
+    )
+    .version(AGENT_VERSION)
+    .showHelpAfterError();
+
+  program
+    .command("pair")
+    .description("enrol this home with an edge using a token from `mxtunnel-edge pair`")
+    .argument("[token]", "the token, or - to read it from stdin (keeps it out of shell history)")
+    .requiredOption("--dir <dir>", "home state directory (created on first use, 0700)")
+    .option("--token-file <file>", "read the token from a file")
+    .option("--name <name>", "how this home is named on the edge", "home")
+    .action(async (tokenArg: string | undefined, opts: { dir: string; tokenFile?: string; name: string }) => {
+      const token = await readToken(tokenArg, opts.tokenFile);
+      const edge = await viaAgentOrLock<EdgeRecord>(
+        opts.dir,
+        "pair",
+        { token, name: opts.name },
+        async (state) => {
+          await ensureHomeConfig(opts.dir);
+          return pairWithEdge({ token, state, name: opts.name });
+        },
+      );
+      await ensureHomeConfig(opts.dir);
+      process.stdout.write(
+        `paired with ${edge.hostname} (${edge.fingerprint}) as "${edge.homeName}", domains ${edge.domains.join(", ")}\nnext: mxtunnel-home run --dir ${opts.dir}\n`,
+      );
+    });
+
+  program
+    .command("unpair")
+    .description("forget an edge (run `mxtunnel-edge unpair` there too)")
+    .argument("<edge>", "edge host name or fingerprint (see status)")
+    .requiredOption("--dir <dir>", "home state directory")
+    .action(async (edgeRef: string, opts: { dir: string }) => {
+      const edge = await viaAgentOrLock<EdgeRecord>(opts.dir, "unpair", { edge: edgeRef }, (state) =>
+        state.removeEdge(edgeRef),
+      );
+      process.stdout.write(`unpaired ${edge.hostname} (${edge.fingerprint})\n`);
+    });
+
+  program
+    .command("run")
+    .description("run the home agent (SIGTERM/SIGINT stop it cleanly)")
+    .requiredOption("--dir <dir>", "home state directory")
+    .option("--check", "validate the config and state, then exit")
+    .option("--log-level <level>", "override logLevel")
+    .action(async (opts: { dir: string; check?: boolean; logLevel?: string }) => {
+      const config = await loadHomeConfigFrom(opts.dir, { logLevel: opts.logLevel });
+      for (const warning of configWarnings(config)) process.stderr.write(`${NAME}: warning: ${warning}\n`);
+      if (opts.check) {
+        const state = await HomeState.open(opts.dir, { create: false });
+        process.stdout.write(
+          `config OK: ${homePaths(opts.dir).config}; key ${state.fingerprint}; ${state.edges().length} edge(s) paired\n`,
+        );
+        return;
+      }
+      const logger = createLogger({ name: NAME, level: config.logLevel });
+      await runHome({ dir: opts.dir, config, logger, signal: shutdownSignal() });
+    });
+
+  program
+    .command("status")
+    .description("tunnel state per edge (boolean `connected`), RTT, last error")
+    .requiredOption("--dir <dir>", "home state directory")
+    .option("--json", "machine-readable output")
+    .action(async (opts: { dir: string; json?: boolean }) => {
+      let status: HomeStatus;
+      try {
+        status = (await callAdminSocket(
+          homePaths(opts.dir).adminSocket,
+          { command: "status" },
+          5000,
+        )) as HomeStatus;
+      } catch (error) {
+        if (!(error instanceof AdminUnavailable)) throw error;
+        status = homeStatus({ state: await HomeState.open(opts.dir, { create: false }) });
+      }
+      process.stdout.write(
+        opts.json ? `${JSON.stringify(status, null, 2)}\n` : `${renderHomeStatus(status)}\n`,
+      );
+    });
+
+  return program;
+}
+
+try {
+  await buildProgram().parseAsync(process.argv);
+} catch (error) {
+  process.exitCode = reportCliError(NAME, error);
+}
