@@ -1,0 +1,371 @@
+// The tunnel's frame format: the one module that turns typed frames into bytes and back.
+// Every frame is `type u8 | stream id u32 BE | body`; all limits are checked here, where bytes are
+// parsed, so the multiplexer and the agents only ever see well-formed, typed frames.
+import { ProtocolError } from "./errors.js";
+
+/** A Noise transport message is at most 65535 bytes including its 16-byte tag. */
+export const MAX_FRAME_SIZE = 65519;
+export const FRAME_HEADER_SIZE = 5;
+export const MAX_DATA_PAYLOAD = MAX_FRAME_SIZE - FRAME_HEADER_SIZE;
+export const MAX_META_SIZE = 8192;
+export const MAX_RESET_REASON_SIZE = 1024;
+/** WINDOW credit is a positive signed 31-bit value (as in HTTP/2). */
+export const MAX_CREDIT = 0x7fffffff;
+/**
+ * Credit each side implicitly holds for a new stream before any WINDOW frame, in both directions,
+ * so an opener may write before ACCEPT. Tunnel-level credit starts at zero and is granted by WINDOW on
+ * stream 0 as soon as a multiplexer starts.
+ */
+export const INITIAL_STREAM_CREDIT = 256 * 1024;
+
+export type StreamKind = "forward" | "spool" | "relay" | "sync";
+
+export type Frame =
+  | { type: "open"; stream: number; kind: StreamKind; meta: Record<string, unknown> }
+  | { type: "accept"; stream: number }
+  | { type: "data"; stream: number; data: Uint8Array }
+  | { type: "window"; stream: number; credit: number }
+  | { type: "end"; stream: number }
+  | { type: "result"; stream: number; result: unknown }
+  | { type: "reset"; stream: number; code: number; reason: string }
+  | { type: "ping"; payload: Uint8Array }
+  | { type: "pong"; payload: Uint8Array }
+  | { type: "control"; message: Record<string, unknown> };
+
+export const ResetCode = {
+  REFUSED: 1,
+  CONNECT_FAILED: 2,
+  ADDRESS_REFUSED: 3,
+  TIMEOUT: 4,
+  CANCEL: 5,
+  PROTOCOL_ERROR: 6,
+  INTERNAL: 7,
+  TOO_MANY_STREAMS: 8,
+} as const;
+
+const TYPE_ID = {
+  open: 0x01,
+  accept: 0x02,
+  data: 0x03,
+  window: 0x04,
+  end: 0x05,
+  result: 0x06,
+  reset: 0x07,
+  ping: 0x08,
+  pong: 0x09,
+  control: 0x0a,
+} as const satisfies Record<Frame["type"], number>;
+
+const TYPE_NAME: readonly (Frame["type"] | undefined)[] = [
+  undefined,
+  "open",
+  "accept",
+  "data",
+  "window",
+  "end",
+  "result",
+  "reset",
+  "ping",
+  "pong",
+  "control",
+];
+
+const KIND_ID = { forward: 1, spool: 2, relay: 3, sync: 4 } as const satisfies Record<StreamKind, number>;
+const KIND_NAME: readonly (StreamKind | undefined)[] = [undefined, "forward", "spool", "relay", "sync"];
+
+const PING_PAYLOAD_SIZE = 8;
+const MAX_STREAM_ID = 0xffffffff;
+
+const utf8Encoder = new TextEncoder();
+const utf8Decoder = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
+
+/** Encodes one frame; throws ProtocolError when the frame could not be sent as given. */
+export function encodeFrame(frame: Frame): Uint8Array {
+  switch (frame.type) {
+    case "open": {
+      checkStreamId(frame.type, frame.stream);
+      const kindId: number | undefined = KIND_ID[frame.kind];
+      if (kindId === undefined) {
+        throw new ProtocolError(
+          "FRAME_MALFORMED",
+          `OPEN names an unknown stream kind "${String(frame.kind)}"`,
+        );
+      }
+      const meta = encodeJsonObject(frame.meta, "OPEN meta");
+      if (meta.byteLength > MAX_META_SIZE) {
+        throw new ProtocolError(
+          "META_TOO_LARGE",
+          `OPEN meta is ${meta.byteLength} bytes of JSON; the limit is ${MAX_META_SIZE}`,
+        );
+      }
+      const bytes = header(TYPE_ID.open, frame.stream, 1 + meta.byteLength);
+      bytes[FRAME_HEADER_SIZE] = kindId;
+      bytes.set(meta, FRAME_HEADER_SIZE + 1);
+      return bytes;
+    }
+    case "accept":
+    case "end":
+      checkStreamId(frame.type, frame.stream);
+      return header(TYPE_ID[frame.type], frame.stream, 0);
+    case "data": {
+      checkStreamId(frame.type, frame.stream);
+      const size = frame.data.byteLength;
+      if (size === 0) throw new ProtocolError("FRAME_MALFORMED", "a DATA frame must carry at least one byte");
+      if (size > MAX_DATA_PAYLOAD) {
+        throw new ProtocolError(
+          "FRAME_TOO_LARGE",
+          `a DATA frame carries at most ${MAX_DATA_PAYLOAD} bytes, not ${size}`,
+        );
+      }
+      const bytes = header(TYPE_ID.data, frame.stream, size);
+      bytes.set(frame.data, FRAME_HEADER_SIZE);
+      return bytes;
+    }
+    case "window": {
+      if (!Number.isInteger(frame.stream) || frame.stream < 0 || frame.stream > MAX_STREAM_ID) {
+        throw new ProtocolError("FRAME_MALFORMED", `stream id ${frame.stream} is not a u32`);
+      }
+      if (!Number.isInteger(frame.credit) || frame.credit < 1 || frame.credit > MAX_CREDIT) {
+        throw new ProtocolError("FRAME_MALFORMED", `WINDOW credit must be 1..2^31-1, not ${frame.credit}`);
+      }
+      const bytes = header(TYPE_ID.window, frame.stream, 4);
+      view(bytes).setUint32(FRAME_HEADER_SIZE, frame.credit);
+      return bytes;
+    }
+    case "result": {
+      checkStreamId(frame.type, frame.stream);
+      const body = encodeJson(frame.result, "RESULT value");
+      return withBody(TYPE_ID.result, frame.stream, body, "RESULT");
+    }
+    case "reset": {
+      checkStreamId(frame.type, frame.stream);
+      if (!Number.isInteger(frame.code) || frame.code < 0 || frame.code > 0xffff) {
+        throw new ProtocolError("FRAME_MALFORMED", `RESET code must be a u16, not ${frame.code}`);
+      }
+      const reason = utf8Encoder.encode(frame.reason);
+      if (reason.byteLength > MAX_RESET_REASON_SIZE) {
+        throw new ProtocolError(
+          "FRAME_MALFORMED",
+          `a RESET reason is at most ${MAX_RESET_REASON_SIZE} bytes of UTF-8, not ${reason.byteLength}`,
+        );
+      }
+      const bytes = header(TYPE_ID.reset, frame.stream, 2 + reason.byteLength);
+      view(bytes).setUint16(FRAME_HEADER_SIZE, frame.code);
+      bytes.set(reason, FRAME_HEADER_SIZE + 2);
+      return bytes;
+    }
+    case "ping":
+    case "pong": {
+      if (frame.payload.byteLength !== PING_PAYLOAD_SIZE) {
+        throw new ProtocolError(
+          "FRAME_MALFORMED",
+          `a ${frame.type.toUpperCase()} payload is exactly ${PING_PAYLOAD_SIZE} bytes, not ${frame.payload.byteLength}`,
+        );
+      }
+      const bytes = header(TYPE_ID[frame.type], 0, PING_PAYLOAD_SIZE);
+      bytes.set(frame.payload, FRAME_HEADER_SIZE);
+      return bytes;
+    }
+    case "control": {
+      const body = encodeJsonObject(frame.message, "CONTROL message");
+      return withBody(TYPE_ID.control, 0, body, "CONTROL");
+    }
+    default:
+      throw new ProtocolError(
+        "FRAME_MALFORMED",
+        `cannot encode a frame of type "${String((frame as { type: unknown }).type)}"`,
+      );
+  }
+}
+
+/** Decodes one frame. Pure; a DATA frame's `data` is a view into `bytes`, not a copy. */
+export function decodeFrame(bytes: Uint8Array): Frame {
+  if (bytes.byteLength > MAX_FRAME_SIZE) {
+    throw new ProtocolError(
+      "FRAME_TOO_LARGE",
+      `a ${bytes.byteLength}-byte frame exceeds the ${MAX_FRAME_SIZE}-byte limit`,
+    );
+  }
+  if (bytes.byteLength < FRAME_HEADER_SIZE) {
+    throw new ProtocolError(
+      "FRAME_MALFORMED",
+      `a frame is at least ${FRAME_HEADER_SIZE} bytes; this one is ${bytes.byteLength} (truncated)`,
+    );
+  }
+  const typeId = bytes[0]!;
+  const type = TYPE_NAME[typeId];
+  if (type === undefined) {
+    throw new ProtocolError(
+      "FRAME_UNKNOWN_TYPE",
+      `frame type 0x${typeId.toString(16).padStart(2, "0")} is not known to this version`,
+    );
+  }
+  const dv = view(bytes);
+  const stream = dv.getUint32(1);
+  const bodySize = bytes.byteLength - FRAME_HEADER_SIZE;
+  const name = type.toUpperCase();
+
+  switch (type) {
+    case "open": {
+      requireStream(name, stream);
+      if (bodySize < 1) throw new ProtocolError("FRAME_MALFORMED", "an OPEN frame has no stream kind");
+      const kindId = bytes[FRAME_HEADER_SIZE]!;
+      const kind = KIND_NAME[kindId];
+      if (kind === undefined) {
+        throw new ProtocolError("FRAME_MALFORMED", `OPEN names unknown stream kind ${kindId}`);
+      }
+      if (bodySize - 1 > MAX_META_SIZE) {
+        throw new ProtocolError(
+          "META_TOO_LARGE",
+          `OPEN meta is ${bodySize - 1} bytes; the limit is ${MAX_META_SIZE}`,
+        );
+      }
+      const meta = decodeJsonObject(bytes.subarray(FRAME_HEADER_SIZE + 1), "OPEN meta");
+      return { type, stream, kind, meta };
+    }
+    case "accept":
+    case "end":
+      requireStream(name, stream);
+      requireBodySize(name, bodySize, 0);
+      return { type, stream };
+    case "data":
+      requireStream(name, stream);
+      if (bodySize === 0) throw new ProtocolError("FRAME_MALFORMED", "a DATA frame carries no bytes");
+      return { type, stream, data: bytes.subarray(FRAME_HEADER_SIZE) };
+    case "window": {
+      requireBodySize(name, bodySize, 4);
+      const credit = dv.getUint32(FRAME_HEADER_SIZE);
+      if (credit < 1 || credit > MAX_CREDIT) {
+        throw new ProtocolError("FRAME_MALFORMED", `WINDOW credit must be 1..2^31-1, not ${credit}`);
+      }
+      return { type, stream, credit };
+    }
+    case "result": {
+      requireStream(name, stream);
+      const result = decodeJson(bytes.subarray(FRAME_HEADER_SIZE), "RESULT value");
+      return { type, stream, result };
+    }
+    case "reset": {
+      requireStream(name, stream);
+      if (bodySize < 2) throw new ProtocolError("FRAME_MALFORMED", "a RESET frame has no code");
+      if (bodySize - 2 > MAX_RESET_REASON_SIZE) {
+        throw new ProtocolError(
+          "FRAME_MALFORMED",
+          `a RESET reason is at most ${MAX_RESET_REASON_SIZE} bytes, not ${bodySize - 2}`,
+        );
+      }
+      const code = dv.getUint16(FRAME_HEADER_SIZE);
+      const reason = decodeUtf8(bytes.subarray(FRAME_HEADER_SIZE + 2), "RESET reason");
+      return { type, stream, code, reason };
+    }
+    case "ping":
+    case "pong":
+      requireStreamZero(name, stream);
+      requireBodySize(name, bodySize, PING_PAYLOAD_SIZE);
+      return { type, payload: bytes.slice(FRAME_HEADER_SIZE) };
+    case "control": {
+      requireStreamZero(name, stream);
+      const message = decodeJsonObject(bytes.subarray(FRAME_HEADER_SIZE), "CONTROL message");
+      return { type, message };
+    }
+  }
+}
+
+function header(typeId: number, stream: number, bodySize: number): Uint8Array {
+  const bytes = new Uint8Array(FRAME_HEADER_SIZE + bodySize);
+  bytes[0] = typeId;
+  view(bytes).setUint32(1, stream);
+  return bytes;
+}
+
+function withBody(typeId: number, stream: number, body: Uint8Array, name: string): Uint8Array {
+  if (FRAME_HEADER_SIZE + body.byteLength > MAX_FRAME_SIZE) {
+    throw new ProtocolError(
+      "FRAME_TOO_LARGE",
+      `a ${name} frame would be ${FRAME_HEADER_SIZE + body.byteLength} bytes; the limit is ${MAX_FRAME_SIZE}`,
+    );
+  }
+  const bytes = header(typeId, stream, body.byteLength);
+  bytes.set(body, FRAME_HEADER_SIZE);
+  return bytes;
+}
+
+function view(bytes: Uint8Array): DataView {
+  return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+}
+
+function checkStreamId(type: Frame["type"], stream: number): void {
+  if (!Number.isInteger(stream) || stream < 1 || stream > MAX_STREAM_ID) {
+    throw new ProtocolError(
+      "FRAME_MALFORMED",
+      `a ${type.toUpperCase()} frame needs a stream id in 1..2^32-1, not ${stream}`,
+    );
+  }
+}
+
+function requireStream(name: string, stream: number): void {
+  if (stream === 0) throw new ProtocolError("FRAME_MALFORMED", `a ${name} frame may not use stream 0`);
+}
+
+function requireStreamZero(name: string, stream: number): void {
+  if (stream !== 0) {
+    throw new ProtocolError("FRAME_MALFORMED", `a ${name} frame belongs to stream 0, not stream ${stream}`);
+  }
+}
+
+function requireBodySize(name: string, actual: number, expected: number): void {
+  if (actual !== expected) {
+    throw new ProtocolError(
+      "FRAME_MALFORMED",
+      `a ${name} frame has a ${expected}-byte body, not ${actual} (truncated or padded)`,
+    );
+  }
+}
+
+function isPlainObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+function encodeJson(value: unknown, what: string): Uint8Array {
+  let text: string | undefined;
+  try {
+    text = JSON.stringify(value);
+  } catch (error) {
+    throw new ProtocolError("FRAME_MALFORMED", `${what} cannot be serialised as JSON`, { cause: error });
+  }
+  if (text === undefined) throw new ProtocolError("FRAME_MALFORMED", `${what} is not a JSON value`);
+  return utf8Encoder.encode(text);
+}
+
+function encodeJsonObject(value: Record<string, unknown>, what: string): Uint8Array {
+  if (!isPlainObject(value)) throw new ProtocolError("FRAME_MALFORMED", `${what} must be a JSON object`);
+  return encodeJson(value, what);
+}
+
+function decodeUtf8(bytes: Uint8Array, what: string): string {
+  try {
+    return utf8Decoder.decode(bytes);
+  } catch (error) {
+    throw new ProtocolError("FRAME_MALFORMED", `${what} is not valid UTF-8`, { cause: error });
+  }
+}
+
+/** Drops "__proto__" keys so a peer's JSON can never reach a prototype through later merges. */
+function safeReviver(key: string, value: unknown): unknown {
+  return key === "__proto__" ? undefined : value;
+}
+
+function decodeJson(bytes: Uint8Array, what: string): unknown {
+  const text = decodeUtf8(bytes, what);
+  try {
+    return JSON.parse(text, safeReviver);
+  } catch (error) {
+    throw new ProtocolError("FRAME_MALFORMED", `${what} is not valid JSON`, { cause: error });
+  }
+}
+
+function decodeJsonObject(bytes: Uint8Array, what: string): Record<string, unknown> {
+  const value = decodeJson(bytes, what);
+  if (!isPlainObject(value)) throw new ProtocolError("FRAME_MALFORMED", `${what} is not a JSON object`);
+  return value;
+}
