@@ -1,12 +1,13 @@
 #!/usr/bin/env node
 // mxtunnel-home: parses the command line, validates config, and calls the core.
-import { readFile } from "node:fs/promises";
+import { mkdir, readFile } from "node:fs/promises";
 import {
   AdminUnavailable,
   AGENT_VERSION,
   callAdminSocket,
   configWarnings,
   createLogger,
+  decodePairingToken,
   reportCliError,
   shutdownSignal,
 } from "@mxtunnel/shared";
@@ -69,6 +70,9 @@ export function buildProgram(): Command {
     .option("--name <name>", "how this home is named on the edge", "home")
     .action(async (tokenArg: string | undefined, opts: { dir: string; tokenFile?: string; name: string }) => {
       const token = await readToken(tokenArg, opts.tokenFile);
+      // A bad token fails here, before anything is created on disk.
+      decodePairingToken(token);
+      await mkdir(opts.dir, { recursive: true, mode: 0o700 });
       const edge = await viaAgentOrLock<EdgeRecord>(
         opts.dir,
         "pair",
