@@ -15,6 +15,7 @@ import { Command } from "commander";
 import { runHome } from "./agent.js";
 import { ensureHomeConfig, loadHomeConfigFrom } from "./config.js";
 import { pairWithEdge } from "./pairing.js";
+import { hasFailures, postfixConfigReport, renderPostfixAdvice } from "./postfix-config.js";
 import { type EdgeRecord, HomeState, homePaths, lockHomeState } from "./state.js";
 import { type HomeStatus, homeStatus, renderHomeStatus } from "./status.js";
 
@@ -140,6 +141,25 @@ export function buildProgram(): Command {
       process.stdout.write(
         opts.json ? `${JSON.stringify(status, null, 2)}\n` : `${renderHomeStatus(status)}\n`,
       );
+    });
+
+  program
+    .command("postfix-config")
+    .description("print the master.cf, main.cf and Dovecot lines for the tunnel, checked against `postconf`")
+    .requiredOption("--dir <dir>", "home state directory")
+    .option(
+      "--config-directory <dir>",
+      "Postfix configuration directory (postconf -c), for a non-default instance",
+    )
+    .option("--json", "machine-readable output")
+    .action(async (opts: { dir: string; configDirectory?: string; json?: boolean }) => {
+      const config = await loadHomeConfigFrom(opts.dir);
+      const options = opts.configDirectory ? { configDirectory: opts.configDirectory } : {};
+      const advice = await postfixConfigReport(config, options);
+      process.stdout.write(
+        opts.json ? `${JSON.stringify(advice, null, 2)}\n` : renderPostfixAdvice(advice, options),
+      );
+      if (hasFailures(advice)) process.exitCode = 1;
     });
 
   return program;
