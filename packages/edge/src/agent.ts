@@ -10,12 +10,18 @@ import {
   type EdgeConfig,
   type FileLock,
   type Logger,
+  type MuxStream,
+  ResetCode,
+  type StreamKind,
   serveAdminSocket,
 } from "@mxtunnel/shared";
 import { type FallbackReason, ForwardListener, smtpTryLater } from "./forward-listener.js";
 import { EdgeState, lockEdgeState } from "./state.js";
 import { type EdgeStatus, edgeStatus } from "./status.js";
-import { TunnelServer } from "./tunnel-server.js";
+import { type Tunnel, TunnelServer } from "./tunnel-server.js";
+
+export type EdgeStreamHandler = (stream: MuxStream, tunnel: Tunnel) => void;
+export type EdgeControlHandler = (message: Record<string, unknown>, tunnel: Tunnel) => void;
 
 export interface EdgeAgentOptions {
   dir: string;
@@ -56,6 +62,21 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
     });
     const tunnelAddress = await tunnels.start();
     cleanups.push(() => tunnels.stop());
+
+    // Streams and CONTROL messages that homes send are dispatched by kind; each feature registers
+    // its handler below (outbound relay: "relay"; backup MX: "sync").
+    const streamHandlers = new Map<StreamKind, EdgeStreamHandler>();
+    const controlHandlers: EdgeControlHandler[] = [];
+    tunnels.on("up", (tunnel) => {
+      tunnel.mux.on("stream", (stream: MuxStream) => {
+        const handler = streamHandlers.get(stream.kind);
+        if (handler) handler(stream, tunnel);
+        else stream.reset(ResetCode.REFUSED, `this edge does not serve ${stream.kind} streams`);
+      });
+      tunnel.mux.on("control", (message: Record<string, unknown>) => {
+        for (const handler of controlHandlers) handler(message, tunnel);
+      });
+    });
 
     const limits = {
       maxConnections: config.limits.maxConnections,

@@ -7,9 +7,14 @@ import {
   type Logger,
   type MuxStream,
   ResetCode,
+  type StreamKind,
   serveAdminSocket,
 } from "@mxtunnel/shared";
 import { EdgeLink } from "./edge-link.js";
+
+export type HomeStreamHandler = (stream: MuxStream, link: EdgeLink) => void;
+export type HomeControlHandler = (message: Record<string, unknown>, link: EdgeLink) => void;
+
 import { pairWithEdge } from "./pairing.js";
 import { ServiceConnector, type ServiceTarget } from "./service-connector.js";
 import { type EdgeRecord, HomeState, lockHomeState } from "./state.js";
@@ -57,9 +62,19 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
       allowPrivateClientIPs: config.allowPrivateClientIPs,
       logger: logger.child({ component: "services" }),
     });
-    const onStream = (stream: MuxStream) => {
-      if (stream.kind === "forward") connector.handle(stream);
+    // Streams the edge opens are dispatched by kind; each feature registers its handler here
+    // (backup MX drain: "spool").
+    const streamHandlers = new Map<StreamKind, HomeStreamHandler>([
+      ["forward", (stream) => connector.handle(stream)],
+    ]);
+    const controlHandlers: HomeControlHandler[] = [];
+    const onStream = (stream: MuxStream, link: EdgeLink) => {
+      const handler = streamHandlers.get(stream.kind);
+      if (handler) handler(stream, link);
       else stream.reset(ResetCode.REFUSED, `stream kind ${stream.kind} not served by this home`);
+    };
+    const onControl = (message: Record<string, unknown>, link: EdgeLink) => {
+      for (const handler of controlHandlers) handler(message, link);
     };
     const links = new Map<string, EdgeLink>();
     const addLink = (edge: EdgeRecord) => {
@@ -70,6 +85,7 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
         reconnect: { minDelayMs: config.reconnect.minDelay, maxDelayMs: config.reconnect.maxDelay },
         ...(options.mux ? { mux: options.mux } : {}),
         onStream,
+        onControl,
       });
       links.set(edge.publicKey, link);
       link.start();
