@@ -1,0 +1,136 @@
+// Starts a real edge and a real home agent as separate processes from their CLIs (so the OS accounts
+// CPU and memory per agent), paired with each other through the real pairing path, on loopback.
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { freePort, memoryMiB, mustRun, spawnTool, waitFor } from "./proc.js";
+import { readBanner } from "./smtp-client.js";
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
+export const EDGE_CLI = join(ROOT, "packages/edge/dist/cli.js");
+export const HOME_CLI = join(ROOT, "packages/home/dist/cli.js");
+
+function deepSet(target, path, value) {
+  const keys = path.split(".");
+  let node = target;
+  for (const key of keys.slice(0, -1)) {
+    if (typeof node[key] !== "object" || node[key] === null) node[key] = {};
+    node = node[key];
+  }
+  node[keys.at(-1)] = value;
+}
+
+async function editJson(file, settings) {
+  const data = JSON.parse(await readFile(file, "utf8"));
+  for (const [path, value] of Object.entries(settings)) deepSet(data, path, value);
+  await writeFile(file, `${JSON.stringify(data, null, 2)}\n`, { mode: 0o600 });
+}
+
+/**
+ * Edge + home on loopback. `inject` is the home's smtp target ("127.0.0.1:PORT"); `edge`/`home` are
+ * extra config keys (dotted paths); `nodeArgs.edge/home` extra node flags (e.g. --cpu-prof).
+ */
+export async function startAgents({ inject, edge = {}, home = {}, nodeArgs = {}, logLevel = "warn" } = {}) {
+  const root = await mkdtemp(join(tmpdir(), "mxt-bench-"));
+  const edgeDir = join(root, "edge");
+  const homeDir = join(root, "home");
+  const smtpPort = await freePort();
+  const tunnelPort = await freePort();
+  const url = `ws://127.0.0.1:${tunnelPort}`;
+  await mustRun(process.execPath, [
+    EDGE_CLI,
+    "init",
+    "--dir",
+    edgeDir,
+    "--hostname",
+    "mx.bench.test",
+    "--domain",
+    "bench.test",
+    "--smtp-listen",
+    `127.0.0.1:${smtpPort}`,
+    "--tunnel-listen",
+    `127.0.0.1:${tunnelPort}`,
+    "--public-url",
+    url,
+  ]);
+  await editJson(join(edgeDir, "edge.json"), {
+    stableAfter: 0,
+    logLevel,
+    "limits.maxConnections": 5000,
+    "limits.maxConnectionsPerIp": 5000,
+    ...edge,
+  });
+  const paired = await mustRun(process.execPath, [EDGE_CLI, "pair", "--dir", edgeDir]);
+  const token = paired.stdout.trim().split("\n").at(-1).trim();
+
+  const edgeProc = spawnTool(
+    process.execPath,
+    [...(nodeArgs.edge ?? []), EDGE_CLI, "run", "--dir", edgeDir],
+    {
+      label: "edge",
+    },
+  );
+  await waitFor("the edge's SMTP port", () => canConnect(smtpPort), 15_000);
+  await mustRun(process.execPath, [HOME_CLI, "pair", "-", "--dir", homeDir], { input: `${token}\n` });
+  await editJson(join(homeDir, "home.json"), {
+    "postfix.inject": inject,
+    "postfix.proxyProtocol": "off",
+    allowPrivateClientIPs: true,
+    logLevel,
+    "reconnect.minDelay": 50,
+    "reconnect.maxDelay": 500,
+    ...home,
+  });
+  const homeProc = spawnTool(
+    process.execPath,
+    [...(nodeArgs.home ?? []), HOME_CLI, "run", "--dir", homeDir],
+    {
+      label: "home",
+    },
+  );
+  // Live once a session through the edge gets the sink's 220 (a 421 means no tunnel yet).
+  await waitFor(
+    "a live session through the tunnel",
+    async () => (await readBanner(smtpPort, { quit: true })).line.startsWith("220"),
+    20_000,
+    100,
+  );
+  return {
+    root,
+    edgeDir,
+    homeDir,
+    smtpPort,
+    tunnelPort,
+    url,
+    edge: edgeProc,
+    home: homeProc,
+    pids() {
+      return { edge: edgeProc.pid, home: homeProc.pid };
+    },
+    memory() {
+      return { edge: memoryMiB(edgeProc.pid), home: memoryMiB(homeProc.pid) };
+    },
+    async stop() {
+      const results = await Promise.all([homeProc.stop(), edgeProc.stop()]);
+      await rm(root, { recursive: true, force: true });
+      return results;
+    },
+    logs() {
+      return { edge: edgeProc.stderr.slice(-4000), home: homeProc.stderr.slice(-4000) };
+    },
+  };
+}
+
+function canConnect(port) {
+  return new Promise((resolve) => {
+    import("node:net").then(({ default: net }) => {
+      const socket = net.connect(port, "127.0.0.1");
+      socket.once("connect", () => {
+        socket.destroy();
+        resolve(true);
+      });
+      socket.once("error", () => resolve(false));
+    });
+  });
+}

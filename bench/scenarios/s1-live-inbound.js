@@ -1,0 +1,117 @@
+// Scenario 1: live inbound, many small messages. smtp-source (20 sessions, 4 KiB messages) into
+// smtp-sink directly (the anchor, 1.0), through the bare Node proxy, through OpenSSH -L, and through
+// edge → tunnel → home. Repetitions interleave the paths so every ratio compares the same moment.
+// Also: CPU time per message of each agent and a CPU profile of both agents.
+import { mkdir, rm } from "node:fs/promises";
+import { join } from "node:path";
+import { startAgents } from "../lib/agents.js";
+import { hottest, newestProfile } from "../lib/cpuprofile.js";
+import { cpuDelta, cpuSnapshot } from "../lib/proc.js";
+import { fmt, median } from "../lib/stats.js";
+import { smtpSource, startNodeProxy, startSink, startSshTunnel } from "../lib/tools.js";
+
+export const title = "1. Live inbound, small messages (smtp-source → … → smtp-sink)";
+
+export async function run({ quick, runs, resultsDir, log }) {
+  const sessions = 20;
+  const size = 4096;
+  const messages = quick ? 1000 : 5000;
+  const sshMessages = quick ? 200 : 1000;
+  const sink = await startSink();
+  const proxy = await startNodeProxy(sink.port);
+  let ssh;
+  try {
+    ssh = await startSshTunnel(sink.port);
+  } catch (error) {
+    log(`  ssh anchor unavailable: ${error.message.split("\n")[0]}`);
+  }
+  const agents = await startAgents({ inject: `127.0.0.1:${sink.port}` });
+  const reps = [];
+  let memory;
+  try {
+    for (let i = 0; i < runs; i++) {
+      const rep = {};
+      rep.direct = await smtpSource(sink.port, { sessions, messages, size });
+      const p0 = cpuSnapshot({ proxy: proxy.pid });
+      rep.proxy = await smtpSource(proxy.port, { sessions, messages, size });
+      rep.proxy.cpuPerMsgMs = (cpuDelta(p0, cpuSnapshot({ proxy: proxy.pid })).proxy * 1000) / messages;
+      if (ssh) {
+        const s0 = cpuSnapshot(ssh.pids);
+        rep.ssh = await smtpSource(ssh.port, { sessions, messages: sshMessages, size });
+        rep.ssh.cpuPerMsgMs = (cpuDelta(s0, cpuSnapshot(ssh.pids)).ssh * 1000) / sshMessages;
+      }
+      const c0 = cpuSnapshot(agents.pids());
+      rep.tunnel = await smtpSource(agents.smtpPort, { sessions, messages, size });
+      const cpu = cpuDelta(c0, cpuSnapshot(agents.pids()));
+      rep.tunnel.cpuPerMsgMs = { edge: (cpu.edge * 1000) / messages, home: (cpu.home * 1000) / messages };
+      reps.push(rep);
+      log(
+        `  run ${i + 1}: direct ${fmt(rep.direct.rate)} msg/s, node proxy ${fmt(rep.proxy.rate)}, ` +
+          `ssh -L ${rep.ssh ? fmt(rep.ssh.rate) : "n/a"}, tunnel ${fmt(rep.tunnel.rate)} ` +
+          `(ratio ${fmt(rep.tunnel.rate / rep.direct.rate)})`,
+      );
+    }
+    memory = agents.memory();
+  } finally {
+    await agents.stop();
+  }
+
+  // A profiled pass: fresh agents under --cpu-prof, one full smtp-source load, clean stop writes profiles.
+  const profileDir = join(resultsDir, "profiles");
+  await rm(profileDir, { recursive: true, force: true });
+  const profiles = {};
+  for (const role of ["edge", "home"]) await mkdir(join(profileDir, role), { recursive: true });
+  const profiled = await startAgents({
+    inject: `127.0.0.1:${sink.port}`,
+    nodeArgs: {
+      edge: ["--cpu-prof", `--cpu-prof-dir=${join(profileDir, "edge")}`],
+      home: ["--cpu-prof", `--cpu-prof-dir=${join(profileDir, "home")}`],
+    },
+  });
+  try {
+    await smtpSource(profiled.smtpPort, { sessions, messages, size });
+  } finally {
+    await profiled.stop();
+  }
+  for (const role of ["edge", "home"]) {
+    const file = await newestProfile(join(profileDir, role));
+    if (file) profiles[role] = { file, ...(await hottest(file, { top: 5 })) };
+  }
+  await proxy.stop();
+  await ssh?.stop();
+  await sink.stop();
+
+  const ratio = (path) => median(reps.filter((r) => r[path]).map((r) => r[path].rate / r.direct.rate));
+  const result = {
+    params: { sessions, size, messages, sshMessages, runs },
+    msgsPerSec: {
+      direct: median(reps.map((r) => r.direct.rate)),
+      nodeProxy: median(reps.map((r) => r.proxy.rate)),
+      ssh: ssh ? median(reps.map((r) => r.ssh.rate)) : null,
+      tunnel: median(reps.map((r) => r.tunnel.rate)),
+    },
+    ratioToDirect: { nodeProxy: ratio("proxy"), ssh: ssh ? ratio("ssh") : null, tunnel: ratio("tunnel") },
+    tunnelVsSsh: ssh ? median(reps.map((r) => r.tunnel.rate / r.ssh.rate)) : null,
+    tunnelVsNodeProxy: median(reps.map((r) => r.tunnel.rate / r.proxy.rate)),
+    cpuPerMsgMs: {
+      edge: median(reps.map((r) => r.tunnel.cpuPerMsgMs.edge)),
+      home: median(reps.map((r) => r.tunnel.cpuPerMsgMs.home)),
+      nodeProxy: median(reps.map((r) => r.proxy.cpuPerMsgMs)),
+      sshClient: ssh ? median(reps.map((r) => r.ssh.cpuPerMsgMs)) : null,
+    },
+    rssMiB: { edge: memory.edge, home: memory.home },
+    profiles,
+    reps,
+  };
+  log(
+    `  median: tunnel ${fmt(result.msgsPerSec.tunnel)} msg/s = ${fmt(result.ratioToDirect.tunnel)} of direct ` +
+      `(node proxy ${fmt(result.ratioToDirect.nodeProxy)}, ssh ${fmt(result.ratioToDirect.ssh)}); ` +
+      `CPU/msg edge ${fmt(result.cpuPerMsgMs.edge)} ms, home ${fmt(result.cpuPerMsgMs.home)} ms`,
+  );
+  for (const [role, p] of Object.entries(profiles)) {
+    log(
+      `  hottest in ${role}: ${p.top.map((t) => `${t.fn} (${(t.shareOfBusy * 100).toFixed(1)}%)`).join("; ")}`,
+    );
+  }
+  return result;
+}
