@@ -59,7 +59,8 @@ export async function makeEdge(
     publicUrl: url,
   });
   const config = await loadEdgeConfigFrom(dir, { stableAfter: 0, ...options.overrides });
-  let agent = await startEdge({ dir, config, logger: testLogger.child({ agent: "edge" }) });
+  const extra = options.spoolOpenFile ? { spoolOpenFile: options.spoolOpenFile } : {};
+  let agent = await startEdge({ dir, config, logger: testLogger.child({ agent: "edge" }), ...extra });
   let running = true;
   const edge: TestEdge = {
     dir,
@@ -74,7 +75,7 @@ export async function makeEdge(
         .token,
     restart: async () => {
       if (running) await agent.stop();
-      agent = await startEdge({ dir, config, logger: testLogger.child({ agent: "edge" }) });
+      agent = await startEdge({ dir, config, logger: testLogger.child({ agent: "edge" }), ...extra });
       running = true;
     },
     stop: async () => {

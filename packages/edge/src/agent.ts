@@ -3,21 +3,37 @@
 
 import type net from "node:net";
 import type { AddressInfo } from "node:net";
+import { join } from "node:path";
 import {
   type AdminRequest,
   AGENT_VERSION,
   CloseCode,
   type EdgeConfig,
   type FileLock,
+  type ListenerLimits,
   type Logger,
   type MuxStream,
   ResetCode,
+  StateError,
   type StreamKind,
   serveAdminSocket,
 } from "@mxtunnel/shared";
-import { type FallbackReason, ForwardListener, smtpTryLater } from "./forward-listener.js";
+import {
+  type FallbackReason,
+  type ForwardLimits,
+  ForwardListener,
+  forwardOverLimitReply,
+  forwardTryLater,
+} from "./forward-listener.js";
+import { type OutboundQueue, startOutbound } from "./outbound-queue.js";
+import { receiveRecipientList } from "./recipient-sync.js";
+import { RecipientStore } from "./recipients.js";
+import { SpoolDrain } from "./spool-drain.js";
+import { SpoolServer } from "./spool-server.js";
+import { SpoolStore, spoolQueueEntries } from "./spool-store.js";
 import { EdgeState, lockEdgeState } from "./state.js";
 import { type EdgeStatus, edgeStatus } from "./status.js";
+import { loadTlsCertificate } from "./tls.js";
 import { type Tunnel, TunnelServer } from "./tunnel-server.js";
 
 export type EdgeStreamHandler = (stream: MuxStream, tunnel: Tunnel) => void;
@@ -27,11 +43,15 @@ export interface EdgeAgentOptions {
   dir: string;
   config: EdgeConfig;
   logger: Logger;
+  /** Fault injection for tests: replaces fs/promises open for spool files (ENOSPC). */
+  spoolOpenFile?: typeof import("node:fs/promises").open;
 }
 
 export interface EdgeAgent {
   readonly state: EdgeState;
   readonly tunnels: TunnelServer;
+  readonly spool: { store: SpoolStore; server: SpoolServer; drain: SpoolDrain; recipients: RecipientStore };
+  readonly outbound: OutboundQueue;
   readonly addresses: { tunnel: AddressInfo; smtp: AddressInfo; forwards: AddressInfo[] };
   status(): EdgeStatus;
   stop(): Promise<void>;
@@ -78,15 +98,65 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
       });
     });
 
-    const limits = {
-      maxConnections: config.limits.maxConnections,
-      maxConnectionsPerIp: config.limits.maxConnectionsPerIp,
-      idleTimeoutMs: config.limits.idleTimeout,
-      sessionTimeoutMs: config.limits.sessionTimeout,
-    };
+    // Backup MX: sessions the live path cannot serve are answered here and spooled, sealed to home.
+    const tls = await loadTlsCertificate(dir, config.hostname);
+    const spoolStore = await SpoolStore.open(join(dir, "spool"), logger.child({ component: "spool" }));
+    const recipients = new RecipientStore(dir, config.spool.recipientListMaxAge);
+    await recipients.load(state.homes().map((home) => home.publicKey));
+    const drain = new SpoolDrain({
+      store: spoolStore,
+      tunnels,
+      logger: logger.child({ component: "drain" }),
+      concurrency: config.spool.drainConcurrency,
+      retryMinMs: config.spool.retryMin,
+      retryMaxMs: config.spool.retryMax,
+      maxAgeMs: config.spool.maxAge,
+      stableAfterMs: config.stableAfter,
+    });
+    cleanups.push(async () => drain.stop());
+    const spool = new SpoolServer({
+      config,
+      state,
+      store: spoolStore,
+      recipients,
+      tls,
+      logger: logger.child({ component: "spool" }),
+      onSpooled: () => drain.kick(),
+      ...(options.spoolOpenFile ? { openFile: options.spoolOpenFile } : {}),
+    });
+    streamHandlers.set("sync", (stream, tunnel) => {
+      receiveRecipientList(stream, tunnel, recipients, logger).catch((error: Error) => {
+        logger.warn({ home: tunnel.home.name, err: error.message }, "recipient list sync interrupted");
+        stream.destroy();
+      });
+    });
+    // Outbound: relay streams from homes are checked, queued durably, DKIM-signed and delivered.
+    const outbound = await startOutbound({
+      dir,
+      config,
+      tunnels,
+      logger: logger.child({ component: "outbound" }),
+    });
+    cleanups.push(() => outbound.stop());
+    streamHandlers.set("relay", (stream, tunnel) => outbound.handleStream(stream, tunnel.home));
+
+    controlHandlers.push((message, tunnel) => {
+      if (message.type === "limits" && Number.isSafeInteger(message.messageSizeLimit)) {
+        spool.setMessageSizeLimit(tunnel.home.publicKey, Number(message.messageSizeLimit));
+      }
+    });
+
+    // Each listener counts its own connections: port 25 under `limits`, each forward under its own.
+    const listenerLimits = (limits: ListenerLimits): ForwardLimits => ({
+      maxConnections: limits.maxConnections,
+      maxConnectionsPerIp: limits.maxConnectionsPerIp,
+      idleTimeoutMs: limits.idleTimeout,
+      sessionTimeoutMs: limits.sessionTimeout,
+    });
     const listener = (
       listen: typeof config.smtpListen,
       service: string,
+      limits: ListenerLimits,
       fallback: (socket: net.Socket, reason: FallbackReason) => void,
       overLimitReply?: string,
     ) =>
@@ -94,7 +164,7 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
         listen,
         service,
         tunnels,
-        limits,
+        limits: listenerLimits(limits),
         openTimeoutMs: config.openTimeout,
         stableAfterMs: config.stableAfter,
         logger: logger.child({ component: service }),
@@ -104,7 +174,8 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
     const smtp = listener(
       config.smtpListen,
       "smtp",
-      smtpTryLater(config.hostname),
+      config.limits,
+      (socket) => spool.accept(socket),
       `421 4.7.0 ${config.hostname} too many connections, try again later\r\n`,
     );
     const smtpAddress = await smtp.start();
@@ -112,7 +183,13 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
     const forwards: ForwardListener[] = [];
     const forwardAddresses: AddressInfo[] = [];
     for (const forward of config.forwards) {
-      const f = listener(forward.listen, forward.service, (socket) => socket.destroy());
+      const f = listener(
+        forward.listen,
+        forward.service,
+        forward.limits,
+        forwardTryLater(forward.service, config.hostname),
+        forwardOverLimitReply(forward.service, config.hostname),
+      );
       forwardAddresses.push(await f.start());
       forwards.push(f);
       cleanups.push(() => f.stop());
@@ -121,12 +198,14 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
     const agent: EdgeAgent = {
       state,
       tunnels,
+      spool: { store: spoolStore, server: spool, drain, recipients },
+      outbound,
       addresses: { tunnel: tunnelAddress, smtp: smtpAddress, forwards: forwardAddresses },
       status: () =>
         edgeStatus({
           state,
           config,
-          running: { startedAt, tunnels, listeners: [smtp, ...forwards] },
+          running: { startedAt, tunnels, listeners: [smtp, ...forwards], spool: spoolStore },
         }),
       stop: cleanup,
     };
@@ -197,6 +276,22 @@ async function handleAdmin(agent: EdgeAgent, config: EdgeConfig, request: AdminR
         ttlMs: Number(args.ttlMs),
         domains: Array.isArray(args.domains) ? args.domains.map(String) : undefined,
       });
+    case "queue":
+      return { spool: spoolQueueEntries(agent.spool.store), outbound: agent.outbound.entriesList() };
+    case "queue-flush": {
+      const flushed = agent.spool.store.flush();
+      agent.spool.drain.kick();
+      agent.outbound.flush();
+      return { spool: flushed };
+    }
+    case "queue-delete": {
+      const id = String(args.id ?? "");
+      if (!agent.spool.store.get(id) && (await agent.outbound.delete(id))) return { deleted: id };
+      if (!agent.spool.store.get(id))
+        throw new StateError("STATE_MISSING", `no queued message has id ${id}; see \`mxtunnel-edge queue\``);
+      await agent.spool.store.remove(id);
+      return { deleted: id };
+    }
     case "unpair": {
       const home = await agent.state.unpair(String(args.home ?? ""));
       agent.tunnels.disconnect(home.publicKey, CloseCode.UNPAIRED, "unpaired by the edge operator");

@@ -7,7 +7,9 @@ import {
   StateError,
   writeFileAtomic,
 } from "@mxtunnel/shared";
+import { type DkimRecordFile, generateDkimKeys } from "./dkim.js";
 import { EdgeState, edgePaths } from "./state.js";
+import { generateTlsCertificate } from "./tls.js";
 
 export interface InitEdgeOptions {
   dir: string;
@@ -20,7 +22,7 @@ export interface InitEdgeOptions {
 
 export async function initEdge(
   options: InitEdgeOptions,
-): Promise<{ configPath: string; fingerprint: string }> {
+): Promise<{ configPath: string; fingerprint: string; dkim: DkimRecordFile[] }> {
   const paths = edgePaths(options.dir);
   for (const path of [paths.config, paths.key]) {
     const exists = await access(path).then(
@@ -45,6 +47,10 @@ export async function initEdge(
   await mkdir(options.dir, { recursive: true, mode: 0o700 });
   await chmod(options.dir, 0o700);
   const keyPair = await EdgeState.create(options.dir);
+  // The certificate STARTTLS presents while the edge spools (never smtp-server's built-in one).
+  await generateTlsCertificate(options.dir, config.hostname);
+  // DKIM: a 2048-bit RSA key per domain (DIR/dkim, 0600), selector unique to this edge.
+  const dkim = await generateDkimKeys(options.dir, config.domains, keyPair.publicKey);
   await writeFileAtomic(paths.config, `${JSON.stringify(config, null, 2)}\n`, { mode: 0o600 });
-  return { configPath: paths.config, fingerprint: keyFingerprint(keyPair.publicKey) };
+  return { configPath: paths.config, fingerprint: keyFingerprint(keyPair.publicKey), dkim };
 }

@@ -1,6 +1,7 @@
 // What `mxtunnel-edge status` reports, as one JSON shape (the human table is rendered from it).
 import { AGENT_VERSION, type EdgeConfig } from "@mxtunnel/shared";
 import type { ForwardListener } from "./forward-listener.js";
+import type { SpoolStore } from "./spool-store.js";
 import type { EdgeState } from "./state.js";
 import type { TunnelServer } from "./tunnel-server.js";
 
@@ -31,7 +32,7 @@ export interface EdgeStatus {
 export function edgeStatus(input: {
   state: EdgeState;
   config: EdgeConfig;
-  running?: { startedAt: number; tunnels: TunnelServer; listeners: ForwardListener[] };
+  running?: { startedAt: number; tunnels: TunnelServer; listeners: ForwardListener[]; spool?: SpoolStore };
 }): EdgeStatus {
   const { state, config, running } = input;
   const sum = (pick: (l: ForwardListener) => number) =>
@@ -65,7 +66,7 @@ export function edgeStatus(input: {
       fallbacks: sum((l) => l.counters.fallbacks),
       overLimit: sum((l) => l.counters.overLimit),
     },
-    queues: { spool: 0, outbound: 0 },
+    queues: { spool: running?.spool?.size ?? 0, outbound: 0 },
     handshakes: {
       failed: running?.tunnels.counters.handshakesFailed ?? 0,
       refused: running?.tunnels.counters.handshakesRefused ?? 0,

@@ -1,5 +1,7 @@
 // The home agent: one EdgeLink per paired edge, the service connector for forward streams, and
 // the admin socket. The CLI's `run` is a thin wrapper over startHome.
+
+import { join } from "node:path";
 import {
   type AdminRequest,
   AGENT_VERSION,
@@ -11,6 +13,10 @@ import {
   serveAdminSocket,
 } from "@mxtunnel/shared";
 import { EdgeLink } from "./edge-link.js";
+import { InjectedLog } from "./injected-log.js";
+import { RecipientSync } from "./recipient-sync.js";
+import { type RelayListener, startRelayListener } from "./relay-listener.js";
+import { SpoolInjector } from "./spool-injector.js";
 
 export type HomeStreamHandler = (stream: MuxStream, link: EdgeLink) => void;
 export type HomeControlHandler = (message: Record<string, unknown>, link: EdgeLink) => void;
@@ -32,6 +38,9 @@ export interface HomeAgent {
   readonly state: HomeState;
   readonly links: ReadonlyMap<string, EdgeLink>;
   readonly connector: ServiceConnector;
+  /** Outbound: Postfix's relayhost, handing mail to the edge on relay streams. */
+  readonly relay: RelayListener;
+  readonly injector: SpoolInjector;
   status(): HomeStatus;
   /** Resolves once every paired edge has a live tunnel (or rejects after timeoutMs). */
   waitConnected(timeoutMs: number): Promise<void>;
@@ -67,6 +76,25 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
     const streamHandlers = new Map<StreamKind, HomeStreamHandler>([
       ["forward", (stream) => connector.handle(stream)],
     ]);
+
+    // Backup MX: the edge drains what it spooled while we were away; we open it and hand it to Postfix.
+    const injectedLog = await InjectedLog.open(join(dir, "injected.log"));
+    cleanups.push(() => injectedLog.close());
+    const injector = new SpoolInjector({
+      spoolKeyPair: state.spoolKeyPair,
+      inject: { target: config.postfix.inject, proxyProtocol: config.postfix.proxyProtocol },
+      log: injectedLog,
+      logger: logger.child({ component: "spool" }),
+    });
+    streamHandlers.set("spool", (stream) => injector.handle(stream));
+    const recipientSync = new RecipientSync({
+      file: config.recipients.file,
+      delimiter: config.recipients.delimiter,
+      refreshMs: config.recipients.refresh,
+      messageSizeLimit: config.postfix.messageSizeLimit,
+      logger: logger.child({ component: "recipients" }),
+    });
+    cleanups.push(async () => recipientSync.stop());
     const controlHandlers: HomeControlHandler[] = [];
     const onStream = (stream: MuxStream, link: EdgeLink) => {
       const handler = streamHandlers.get(stream.kind);
@@ -88,6 +116,7 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
         onControl,
       });
       links.set(edge.publicKey, link);
+      recipientSync.attach(link);
       link.start();
     };
     for (const edge of state.edges()) addLink(edge);
@@ -96,11 +125,23 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
     });
     if (links.size === 0)
       logger.warn("no edge paired yet: run `mxtunnel-home pair` with a token from `mxtunnel-edge pair`");
+    const relay = await startRelayListener({
+      listen: config.relayListen,
+      auth: config.relayAuth,
+      limits: config.relayLimits,
+      timeoutMs: config.relayTimeout,
+      links,
+      dir,
+      logger: logger.child({ component: "relay" }),
+    });
+    cleanups.push(() => relay.stop());
 
     const agent: HomeAgent = {
       state,
       links,
       connector,
+      relay: relay.listener,
+      injector,
       status: () => homeStatus({ state, running: { startedAt, links } }),
       waitConnected: (timeoutMs) => waitAllConnected(links, timeoutMs),
       stop: cleanup,

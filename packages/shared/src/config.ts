@@ -19,24 +19,67 @@ export interface HostPort {
 
 export type ProxyProtocolMode = "v2" | "v1" | "off";
 
-export interface EdgeForward {
-  listen: HostPort;
-  /** The service name home maps to a local target (home.json `services`). */
-  service: string;
-}
-
-export interface EdgeLimits {
+/** The connection limits every public listener applies on its own (port 25 and each forward). */
+export interface ListenerLimits {
   maxConnections: number;
   maxConnectionsPerIp: number;
   /** ms */
   idleTimeout: number;
   /** ms */
   sessionTimeout: number;
+}
+
+export interface EdgeForward {
+  listen: HostPort;
+  /** The service name home maps to a local target (home.json `services`). */
+  service: string;
+  /** This forward's own `limits`, each key not given taken from the edge's `limits`. */
+  limits: ListenerLimits;
+}
+
+export interface EdgeLimits extends ListenerLimits {
   handshakesPerIpPerSecond: number;
   handshakeBurst: number;
   maxPendingHandshakes: number;
   /** ms */
   authTimeout: number;
+}
+
+/** Backup MX: how the edge spools mail while home is away. */
+export interface EdgeSpool {
+  /** ms: spooled mail older than this is given up (DSN or quarantine). */
+  maxAge: number;
+  /** ms: a recipient list older than this is stale; RCPT then gets 450. */
+  recipientListMaxAge: number;
+  maxRecipients: number;
+  /** bytes: SIZE until home reports its Postfix's message_size_limit. */
+  defaultMessageSizeLimit: number;
+  messagesPerIpPerMinute: number;
+  drainConcurrency: number;
+  /** ms: first retry delay after a 4xx from home's Postfix; doubles up to retryMax. */
+  retryMin: number;
+  retryMax: number;
+}
+
+/** Outbound mail (relay streams from homes): queue, retries, limits. */
+export interface EdgeOutbound {
+  /** ms: first retry delay after a temporary failure; doubles up to retryMax. */
+  retryMin: number;
+  retryMax: number;
+  /** ms: a message still undelivered after this is given up (DSN to the sender). */
+  maxAge: number;
+  /** Deliveries (SMTP connections) at once, all domains together, and per recipient domain. */
+  concurrency: number;
+  concurrencyPerDomain: number;
+  /** Per home, sustained and as a burst: relay streams over it get `deferred` (451 4.7.1). */
+  messagesPerHour: number;
+  maxRecipients: number;
+  /** bytes */
+  maxMessageSize: number;
+  /** ms */
+  connectTimeout: number;
+  /** ms: an SMTP reply slower than this fails the attempt (temporary). */
+  commandTimeout: number;
 }
 
 export interface EdgeConfig {
@@ -52,6 +95,8 @@ export interface EdgeConfig {
   /** ms */
   stableAfter: number;
   limits: EdgeLimits;
+  spool: EdgeSpool;
+  outbound: EdgeOutbound;
   /** Lower-case domain → next hop, overriding MX. */
   transports: Record<string, HostPort>;
   /** In the form dns.setServers() takes; empty = the system resolvers. */
@@ -67,12 +112,19 @@ export interface HomeService {
 }
 
 export interface HomeConfig {
-  postfix: { inject: HostPort; proxyProtocol: ProxyProtocolMode };
+  /** messageSizeLimit: bytes, the SIZE the edge announces while it spools (Postfix's message_size_limit). */
+  postfix: { inject: HostPort; proxyProtocol: ProxyProtocolMode; messageSizeLimit: number };
+  /** The recipient list the edge checks RCPT against while it spools (null: none, RCPT gets 450). */
+  recipients: { file: string | null; delimiter: string; refresh: number };
   /** Every service home will connect to, including "smtp" (from `postfix`). */
   services: Record<string, HomeService>;
   allowPrivateClientIPs: boolean;
   relayListen: HostPort;
   relayAuth: { users: Record<string, string> } | null;
+  /** What the relay listener accepts from Postfix (the edge enforces its own limits too). */
+  relayLimits: { maxRecipients: number; maxMessageSize: number; messagesPerHour: number };
+  /** ms: how long home waits for the edge's RESULT before answering Postfix 451 4.4.1. */
+  relayTimeout: number;
   /** ms */
   reconnect: { minDelay: number; maxDelay: number };
   logLevel: LogLevel;
@@ -89,7 +141,16 @@ export interface EdgeConfigFile {
   smtpListen?: string;
   tunnelListen?: string;
   publicUrl?: string;
-  forwards?: Array<{ listen: string; service: string }>;
+  forwards?: Array<{
+    listen: string;
+    service: string;
+    limits?: {
+      maxConnections?: number;
+      maxConnectionsPerIp?: number;
+      idleTimeout?: DurationText;
+      sessionTimeout?: DurationText;
+    };
+  }>;
   openTimeout?: DurationText;
   stableAfter?: DurationText;
   limits?: {
@@ -102,6 +163,28 @@ export interface EdgeConfigFile {
     maxPendingHandshakes?: number;
     authTimeout?: DurationText;
   };
+  spool?: {
+    maxAge?: DurationText;
+    recipientListMaxAge?: DurationText;
+    maxRecipients?: number;
+    defaultMessageSizeLimit?: number;
+    messagesPerIpPerMinute?: number;
+    drainConcurrency?: number;
+    retryMin?: DurationText;
+    retryMax?: DurationText;
+  };
+  outbound?: {
+    retryMin?: DurationText;
+    retryMax?: DurationText;
+    maxAge?: DurationText;
+    concurrency?: number;
+    concurrencyPerDomain?: number;
+    messagesPerHour?: number;
+    maxRecipients?: number;
+    maxMessageSize?: number;
+    connectTimeout?: DurationText;
+    commandTimeout?: DurationText;
+  };
   transports?: Record<string, string>;
   dnsServers?: string[];
   requireTLS?: string[];
@@ -110,11 +193,14 @@ export interface EdgeConfigFile {
 }
 
 export interface HomeConfigFile {
-  postfix?: { inject?: string; proxyProtocol?: ProxyProtocolMode };
+  postfix?: { inject?: string; proxyProtocol?: ProxyProtocolMode; messageSizeLimit?: number };
+  recipients?: { file?: string | null; delimiter?: string; refresh?: DurationText };
   services?: Record<string, { target: string; proxyProtocol?: ProxyProtocolMode }>;
   allowPrivateClientIPs?: boolean;
   relayListen?: string;
   relayAuth?: { users: Record<string, string> } | null;
+  relayLimits?: { maxRecipients?: number; maxMessageSize?: number; messagesPerHour?: number };
+  relayTimeout?: DurationText;
   reconnect?: { minDelay?: DurationText; maxDelay?: DurationText };
   logLevel?: LogLevel;
 }
@@ -134,12 +220,37 @@ export const EDGE_DEFAULTS = {
     maxPendingHandshakes: 256,
     authTimeout: "5s",
   },
+  spool: {
+    maxAge: "5d",
+    recipientListMaxAge: "7d",
+    maxRecipients: 100,
+    defaultMessageSizeLimit: 10_240_000,
+    messagesPerIpPerMinute: 60,
+    drainConcurrency: 4,
+    retryMin: "1m",
+    retryMax: "1h",
+  },
+  outbound: {
+    retryMin: "5m",
+    retryMax: "1h",
+    maxAge: "5d",
+    concurrency: 20,
+    concurrencyPerDomain: 4,
+    messagesPerHour: 1000,
+    maxRecipients: 100,
+    maxMessageSize: 52_428_800,
+    connectTimeout: "30s",
+    commandTimeout: "5m",
+  },
   logLevel: "info",
 } as const;
 
 export const HOME_DEFAULTS = {
-  postfix: { inject: "127.0.0.1:10025", proxyProtocol: "v2" },
+  postfix: { inject: "127.0.0.1:10025", proxyProtocol: "v2", messageSizeLimit: 10_240_000 },
+  recipients: { file: null, delimiter: "+", refresh: "1m" },
   relayListen: "127.0.0.1:2525",
+  relayLimits: { maxRecipients: 100, maxMessageSize: 52_428_800, messagesPerHour: 1000 },
+  relayTimeout: "60s",
   reconnect: { minDelay: "1s", maxDelay: "30s" },
   logLevel: "info",
 } as const;
@@ -356,6 +467,10 @@ function required<T>(check: (value: unknown) => T) {
   });
 }
 
+function optional<T>(check: (value: unknown) => T) {
+  return field((value) => (value === undefined ? undefined : check(value)));
+}
+
 function withDefault<T>(check: (value: unknown) => T, fallback: unknown) {
   return field((value) => check(value === undefined ? fallback : value));
 }
@@ -414,7 +529,21 @@ const edgeSchema = z.strictObject({
   smtpListen: withDefault(checkHostPort, EDGE_DEFAULTS.smtpListen),
   tunnelListen: withDefault(checkHostPort, EDGE_DEFAULTS.tunnelListen),
   publicUrl: field((value) => (value === undefined ? undefined : checkWebSocketUrl(value))),
-  forwards: listOf(z.strictObject({ listen: required(checkHostPort), service: required(checkServiceName) })),
+  forwards: listOf(
+    z.strictObject({
+      listen: required(checkHostPort),
+      service: required(checkServiceName),
+      // Each key left out is taken from the edge's `limits` (parseEdgeConfig fills them in).
+      limits: z
+        .strictObject({
+          maxConnections: optional(checkInteger(1, 1_000_000)),
+          maxConnectionsPerIp: optional(checkInteger(1, 1_000_000)),
+          idleTimeout: optional(checkDuration),
+          sessionTimeout: optional(checkDuration),
+        })
+        .prefault({}),
+    }),
+  ),
   openTimeout: withDefault(checkDuration, EDGE_DEFAULTS.openTimeout),
   stableAfter: withDefault(checkDuration, EDGE_DEFAULTS.stableAfter),
   limits: z
@@ -432,6 +561,38 @@ const edgeSchema = z.strictObject({
       authTimeout: withDefault(checkDuration, EDGE_DEFAULTS.limits.authTimeout),
     })
     .prefault({}),
+  spool: z
+    .strictObject({
+      maxAge: withDefault(checkDuration, EDGE_DEFAULTS.spool.maxAge),
+      recipientListMaxAge: withDefault(checkDuration, EDGE_DEFAULTS.spool.recipientListMaxAge),
+      maxRecipients: withDefault(checkInteger(1, 10_000), EDGE_DEFAULTS.spool.maxRecipients),
+      defaultMessageSizeLimit: withDefault(
+        checkInteger(1024, 2 ** 31 - 1),
+        EDGE_DEFAULTS.spool.defaultMessageSizeLimit,
+      ),
+      messagesPerIpPerMinute: withDefault(
+        checkInteger(1, 1_000_000),
+        EDGE_DEFAULTS.spool.messagesPerIpPerMinute,
+      ),
+      drainConcurrency: withDefault(checkInteger(1, 64), EDGE_DEFAULTS.spool.drainConcurrency),
+      retryMin: withDefault(checkDuration, EDGE_DEFAULTS.spool.retryMin),
+      retryMax: withDefault(checkDuration, EDGE_DEFAULTS.spool.retryMax),
+    })
+    .prefault({}),
+  outbound: z
+    .strictObject({
+      retryMin: withDefault(checkDuration, EDGE_DEFAULTS.outbound.retryMin),
+      retryMax: withDefault(checkDuration, EDGE_DEFAULTS.outbound.retryMax),
+      maxAge: withDefault(checkDuration, EDGE_DEFAULTS.outbound.maxAge),
+      concurrency: withDefault(checkInteger(1, 1000), EDGE_DEFAULTS.outbound.concurrency),
+      concurrencyPerDomain: withDefault(checkInteger(1, 100), EDGE_DEFAULTS.outbound.concurrencyPerDomain),
+      messagesPerHour: withDefault(checkInteger(1, 10_000_000), EDGE_DEFAULTS.outbound.messagesPerHour),
+      maxRecipients: withDefault(checkInteger(1, 10_000), EDGE_DEFAULTS.outbound.maxRecipients),
+      maxMessageSize: withDefault(checkInteger(1024, 2 ** 31 - 1), EDGE_DEFAULTS.outbound.maxMessageSize),
+      connectTimeout: withDefault(checkDuration, EDGE_DEFAULTS.outbound.connectTimeout),
+      commandTimeout: withDefault(checkDuration, EDGE_DEFAULTS.outbound.commandTimeout),
+    })
+    .prefault({}),
   transports: recordOf((key) => checkDnsName(key), required(checkHostPort)),
   dnsServers: listOf(field(checkDnsServer)),
   requireTLS: listOf(field((value) => checkDnsName(value, { needDot: true }))),
@@ -444,6 +605,25 @@ const homeSchema = z.strictObject({
     .strictObject({
       inject: withDefault(checkHostPort, HOME_DEFAULTS.postfix.inject),
       proxyProtocol,
+      messageSizeLimit: withDefault(checkInteger(1024, 2 ** 31 - 1), HOME_DEFAULTS.postfix.messageSizeLimit),
+    })
+    .prefault({}),
+  recipients: z
+    .strictObject({
+      file: field((value) => {
+        if (value === undefined || value === null) return null;
+        if (typeof value !== "string" || !value.startsWith("/"))
+          throw new Invalid(`expected an absolute file path or null, got ${show(value)}`);
+        return value;
+      }),
+      delimiter: withDefault((value) => {
+        if (typeof value !== "string" || value.length > 4 || /[@\s]/.test(value))
+          throw new Invalid(
+            `expected Postfix's recipient_delimiter characters (e.g. "+"), got ${show(value)}`,
+          );
+        return value;
+      }, HOME_DEFAULTS.recipients.delimiter),
+      refresh: withDefault(checkDuration, HOME_DEFAULTS.recipients.refresh),
     })
     .prefault({}),
   services: recordOf(
@@ -468,6 +648,14 @@ const homeSchema = z.strictObject({
     .nullable()
     .optional()
     .transform((auth) => auth ?? null),
+  relayLimits: z
+    .strictObject({
+      maxRecipients: withDefault(checkInteger(1, 10_000), HOME_DEFAULTS.relayLimits.maxRecipients),
+      maxMessageSize: withDefault(checkInteger(1024, 2 ** 31 - 1), HOME_DEFAULTS.relayLimits.maxMessageSize),
+      messagesPerHour: withDefault(checkInteger(1, 10_000_000), HOME_DEFAULTS.relayLimits.messagesPerHour),
+    })
+    .prefault({}),
+  relayTimeout: withDefault(checkDuration, HOME_DEFAULTS.relayTimeout),
   reconnect: z
     .strictObject({
       minDelay: withDefault(checkDuration, HOME_DEFAULTS.reconnect.minDelay),
@@ -508,7 +696,21 @@ export function parseEdgeConfig(input: unknown): EdgeConfig {
     if (clash) problems.push(`${key}: port ${address.port} is already used by ${clash[0]}`);
   });
   if (!isComplete<typeof edgeSchema>(problems, data)) throw new ConfigError(problems);
-  return { ...data, publicUrl: data.publicUrl ?? `ws://${data.hostname}:${data.tunnelListen.port}` };
+  const { limits } = data;
+  return {
+    ...data,
+    publicUrl: data.publicUrl ?? `ws://${data.hostname}:${data.tunnelListen.port}`,
+    forwards: data.forwards.map((forward) => ({
+      listen: forward.listen,
+      service: forward.service,
+      limits: {
+        maxConnections: forward.limits.maxConnections ?? limits.maxConnections,
+        maxConnectionsPerIp: forward.limits.maxConnectionsPerIp ?? limits.maxConnectionsPerIp,
+        idleTimeout: forward.limits.idleTimeout ?? limits.idleTimeout,
+        sessionTimeout: forward.limits.sessionTimeout ?? limits.sessionTimeout,
+      },
+    })),
+  };
 }
 
 /** Validates a home.json value; throws a ConfigError listing every problem. */
@@ -550,6 +752,16 @@ export function edgeConfigWarnings(config: EdgeConfig): string[] {
   if (config.limits.maxConnectionsPerIp > config.limits.maxConnections) {
     warnings.push("limits.maxConnectionsPerIp is larger than limits.maxConnections and has no effect");
   }
+  config.forwards.forEach((forward, i) => {
+    const key = `forwards[${i}].limits`;
+    if (forward.limits.maxConnectionsPerIp > forward.limits.maxConnections) {
+      warnings.push(`${key}.maxConnectionsPerIp is larger than ${key}.maxConnections and has no effect`);
+    }
+    // A forward of port 25 (e.g. on [::]) carries SMTP from other MTAs: the same RFC 5321 timeouts apply.
+    if (forward.service === "smtp" && forward.limits.idleTimeout < 10 * 60_000) {
+      warnings.push(`${key}.idleTimeout is below 10 minutes, shorter than RFC 5321 asks servers to wait`);
+    }
+  });
   if (config.metricsListen && !isLoopback(config.metricsListen.host)) {
     warnings.push(
       `metricsListen ${formatHostPort(config.metricsListen)} exposes metrics beyond this machine`,
@@ -787,6 +999,8 @@ export function defaultEdgeConfig(fields: {
     openTimeout: EDGE_DEFAULTS.openTimeout,
     stableAfter: EDGE_DEFAULTS.stableAfter,
     limits: { ...EDGE_DEFAULTS.limits },
+    spool: { ...EDGE_DEFAULTS.spool },
+    outbound: { ...EDGE_DEFAULTS.outbound },
     transports: {},
     dnsServers: [],
     requireTLS: [],
@@ -799,9 +1013,12 @@ export function defaultEdgeConfig(fields: {
 export function defaultHomeConfig(): Required<HomeConfigFile> {
   return {
     postfix: { ...HOME_DEFAULTS.postfix },
+    recipients: { ...HOME_DEFAULTS.recipients },
     services: {},
     allowPrivateClientIPs: false,
     relayListen: HOME_DEFAULTS.relayListen,
+    relayLimits: { ...HOME_DEFAULTS.relayLimits },
+    relayTimeout: HOME_DEFAULTS.relayTimeout,
     relayAuth: null,
     reconnect: { ...HOME_DEFAULTS.reconnect },
     logLevel: HOME_DEFAULTS.logLevel,

@@ -91,7 +91,18 @@ describe("parseHostPort", () => {
 
 describe("edge config", () => {
   it("fills every default", () => {
-    expect(parseEdgeConfig(minimalEdge)).toEqual({
+    const config = parseEdgeConfig(minimalEdge);
+    expect(config.spool).toEqual({
+      maxAge: 5 * 86_400_000,
+      recipientListMaxAge: 7 * 86_400_000,
+      maxRecipients: 100,
+      defaultMessageSizeLimit: 10_240_000,
+      messagesPerIpPerMinute: 60,
+      drainConcurrency: 4,
+      retryMin: 60_000,
+      retryMax: 3_600_000,
+    });
+    expect(config).toMatchObject({
       hostname: "mx.example.net",
       domains: ["example.org"],
       smtpListen: { host: "0.0.0.0", port: 25 },
@@ -272,8 +283,13 @@ describe("edge config", () => {
 
 describe("home config", () => {
   it("fills every default, with smtp among the services", () => {
-    expect(parseHomeConfig({})).toEqual({
-      postfix: { inject: { host: "127.0.0.1", port: 10025 }, proxyProtocol: "v2" },
+    expect(parseHomeConfig({})).toMatchObject({
+      postfix: {
+        inject: { host: "127.0.0.1", port: 10025 },
+        proxyProtocol: "v2",
+        messageSizeLimit: 10_240_000,
+      },
+      recipients: { file: null, delimiter: "+", refresh: 60_000 },
       services: { smtp: { target: { host: "127.0.0.1", port: 10025 }, proxyProtocol: "v2" } },
       allowPrivateClientIPs: false,
       relayListen: { host: "127.0.0.1", port: 2525 },
@@ -282,6 +298,12 @@ describe("home config", () => {
       logLevel: "info",
     });
     expect(parseHomeConfig(defaultHomeConfig())).toEqual(parseHomeConfig({}));
+  });
+
+  it("refuses a relative recipient list path and a delimiter with spaces", () => {
+    const problems = problemsOf(() => parseHomeConfig({ recipients: { file: "virtual", delimiter: "+ " } }));
+    expect(problems.join("\n")).toMatch(/recipients\.file: expected an absolute file path/);
+    expect(problems.join("\n")).toMatch(/recipients\.delimiter: /);
   });
 
   it("parses services and relay auth", () => {

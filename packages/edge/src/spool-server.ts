@@ -1,0 +1,267 @@
+// Backup MX: when a session cannot be spliced live to home, the edge answers it itself and spools
+// the message, sealed to home's spool key. All policy lives in smtp-server's hooks: RCPT only for
+// paired homes' domains and synced recipients, SIZE = home's Postfix limit, SMTP smuggling refused
+// (bare CR, bare LF, NUL), and `250` only after the file is durable.
+import { randomBytes } from "node:crypto";
+import type net from "node:net";
+import { Transform, type TransformCallback } from "node:stream";
+import { pipeline } from "node:stream/promises";
+import {
+  decodeKey,
+  type EdgeConfig,
+  KeyedRateLimiter,
+  type Logger,
+  SpoolFileWriter,
+  SpoolSealer,
+} from "@mxtunnel/shared";
+import { SMTPServer, type SMTPServerDataStream, type SMTPServerSession } from "smtp-server";
+import type { RecipientStore } from "./recipients.js";
+import type { SpoolStore } from "./spool-store.js";
+import type { EdgeState, HomeRecord } from "./state.js";
+
+export interface SpoolServerOptions {
+  config: EdgeConfig;
+  state: EdgeState;
+  store: SpoolStore;
+  recipients: RecipientStore;
+  tls: { key: Buffer; cert: Buffer };
+  logger: Logger;
+  /** Called after a message is committed, so the drain can start. */
+  onSpooled: () => void;
+  /** Fault injection for tests (ENOSPC): replaces fs/promises open for spool files. */
+  openFile?: typeof import("node:fs/promises").open;
+}
+
+/** An SMTP reply as an error smtp-server sends verbatim. */
+function reply(code: number, text: string): Error & { responseCode: number } {
+  return Object.assign(new Error(text), { responseCode: code });
+}
+
+interface SessionState {
+  home?: HomeRecord;
+}
+
+export class SpoolServer {
+  private readonly smtp: SMTPServer;
+  private readonly perIp: KeyedRateLimiter;
+  private readonly sessions = new WeakMap<SMTPServerSession, SessionState>();
+  private readonly sizes = new Map<string, number>();
+  readonly counters = { sessions: 0, spooled: 0, refusedRcpt: 0, smuggling: 0, writeErrors: 0 };
+
+  constructor(private readonly options: SpoolServerOptions) {
+    const { config } = options;
+    this.perIp = new KeyedRateLimiter(
+      config.spool.messagesPerIpPerMinute / 60,
+      config.spool.messagesPerIpPerMinute,
+    );
+    this.smtp = new SMTPServer({
+      name: config.hostname,
+      banner: "backup MX",
+      key: options.tls.key,
+      cert: options.tls.cert,
+      disabledCommands: ["AUTH"],
+      authOptional: true,
+      size: config.spool.defaultMessageSizeLimit,
+      socketTimeout: config.limits.idleTimeout,
+      closeTimeout: 1000,
+      logger: false,
+      onConnect: (session, callback) => {
+        this.counters.sessions++;
+        callback();
+        void session;
+      },
+      onMailFrom: (_address, session, callback) => {
+        this.sessions.set(session, {});
+        if (!this.perIp.take(session.remoteAddress)) {
+          callback(reply(421, "4.7.0 Too many messages from your address, try again later"));
+          return;
+        }
+        callback();
+      },
+      onRcptTo: (address, session, callback) => {
+        try {
+          this.checkRecipient(address.address, session);
+          callback();
+        } catch (error) {
+          this.counters.refusedRcpt++;
+          callback(error as Error);
+        }
+      },
+      onData: (stream, session, callback) => {
+        this.receive(stream, session).then(
+          (id) => callback(null, `2.0.0 Ok: queued as ${id} (backup MX)`),
+          (error: Error) => callback(error),
+        );
+      },
+    });
+    this.smtp.on("error", (error) => options.logger.debug({ err: error.message }, "spool session error"));
+  }
+
+  /** Takes over a connection the live path could not serve. */
+  accept(socket: net.Socket): void {
+    this.smtp.connect(socket, {
+      id: randomBytes(8).toString("hex"),
+      remoteAddress: socket.remoteAddress,
+      remotePort: socket.remotePort,
+    } as never);
+    socket.resume();
+  }
+
+  /** The SIZE a home's Postfix accepts (reported by home over CONTROL). */
+  setMessageSizeLimit(homeKey: string, bytes: number): void {
+    this.sizes.set(homeKey, bytes);
+    // One edge usually serves one home; announce the smallest limit of the paired homes.
+    const known = this.options.state
+      .homes()
+      .map((h) => this.sizes.get(h.publicKey) ?? this.options.config.spool.defaultMessageSizeLimit);
+    (this.smtp.options as { size?: number }).size = Math.min(...known);
+  }
+
+  private checkRecipient(address: string, session: SMTPServerSession): void {
+    const { config, state, recipients } = this.options;
+    const at = address.lastIndexOf("@");
+    const domain = at > 0 ? address.slice(at + 1).toLowerCase() : "";
+    // A bare domain match only: no source routes, % hacks or literals reach this point as ours.
+    const home = state.homes().find((h) => h.domains.includes(domain));
+    if (!home || !/^[^@\s"%!]+@[a-z0-9.-]+$/i.test(address)) {
+      throw reply(550, "5.7.1 Relaying denied: not a domain this server accepts mail for");
+    }
+    const current = this.sessions.get(session) ?? {};
+    if (current.home && current.home.publicKey !== home.publicKey) {
+      throw reply(452, "4.5.3 Too many recipients for one transaction: send the rest separately");
+    }
+    if (session.envelope.rcptTo.length >= config.spool.maxRecipients) {
+      throw reply(452, "4.5.3 Too many recipients");
+    }
+    switch (recipients.check(home.publicKey, address)) {
+      case "accept":
+        break;
+      case "unknown":
+        throw reply(550, "5.1.1 Recipient address rejected: user unknown");
+      case "no-list":
+        throw reply(450, "4.3.2 Recipient list not synced yet, try again later");
+      case "stale":
+        throw reply(450, "4.3.2 Recipient list is out of date, try again later");
+    }
+    current.home = home;
+    this.sessions.set(session, current);
+  }
+
+  private async receive(stream: SMTPServerDataStream, session: SMTPServerSession): Promise<string> {
+    const { store, logger } = this.options;
+    const home = this.sessions.get(session)?.home;
+    if (!home) {
+      stream.resume();
+      await new Promise((resolve) => stream.once("end", resolve));
+      throw reply(503, "5.5.1 No valid recipients");
+    }
+    const id = `${Date.now().toString(36)}-${randomBytes(6).toString("hex")}`;
+    const mailFrom = session.envelope.mailFrom;
+    const sealer = new SpoolSealer({
+      spoolPublicKey: decodeKey(home.spoolPublicKey, "spool key"),
+      id,
+      receivedAt: new Date(),
+      envelope: {
+        mailFrom: mailFrom ? mailFrom.address : "",
+        mailParams: stringParams(mailFrom ? mailFrom.args : undefined),
+        rcptTo: session.envelope.rcptTo.map((r) => ({ address: r.address, params: stringParams(r.args) })),
+      },
+      client: {
+        address: session.remoteAddress,
+        port: session.remotePort,
+        helo: session.hostNameAppearsAs ?? "",
+        tls: Boolean(session.secure),
+      },
+      extra: { homeKey: home.publicKey },
+    });
+    const guard = new SmugglingGuard();
+    let writer: SpoolFileWriter | undefined;
+    try {
+      writer = await SpoolFileWriter.create(store.dir, sealer, {
+        tmpDir: store.tmpDir,
+        ...(this.options.openFile ? { open: this.options.openFile } : {}),
+      });
+      const sink = writer;
+      await pipeline(stream, guard, async (source: AsyncIterable<Buffer>) => {
+        for await (const chunk of source) await sink.write(chunk);
+      });
+      if (stream.sizeExceeded) throw reply(552, "5.3.4 Message size exceeds the fixed limit");
+      if (guard.violation) {
+        this.counters.smuggling++;
+        logger.warn(
+          { id, client: session.remoteAddress, violation: guard.violation },
+          "message refused: SMTP smuggling guard",
+        );
+        throw reply(550, `5.6.0 Message refused: ${guard.violation} in message data`);
+      }
+      const committed = await writer.commit();
+      await store.add(committed.path);
+      this.counters.spooled++;
+      logger.info(
+        {
+          id,
+          client: session.remoteAddress,
+          rcpt: session.envelope.rcptTo.length,
+          size: sealer.plaintextLength,
+        },
+        "spooled",
+      );
+      this.options.onSpooled();
+      return id;
+    } catch (error) {
+      await writer?.abort().catch(() => {});
+      // Drain what the client still sends, so the reply comes after its final dot.
+      stream.resume();
+      if ((error as { responseCode?: number }).responseCode) throw error;
+      this.counters.writeErrors++;
+      logger.error({ id, err: (error as Error).message }, "could not write the spool file: answering 451");
+      throw reply(451, "4.3.0 Temporary local problem storing the message, try again later");
+    }
+  }
+}
+
+function stringParams(args: unknown): Record<string, string> {
+  const out: Record<string, string> = {};
+  if (args && typeof args === "object") {
+    for (const [key, value] of Object.entries(args as Record<string, unknown>)) {
+      out[key.toUpperCase()] = value === true ? "" : String(value);
+    }
+  }
+  return out;
+}
+
+/**
+ * Passes message bytes through and records the first bare CR, bare LF or NUL it sees: such a
+ * message could be read as two by another MTA (SMTP smuggling) and is refused whole.
+ */
+export class SmugglingGuard extends Transform {
+  violation: string | undefined;
+  private previous = 0;
+
+  override _transform(chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
+    if (!this.violation) {
+      for (let i = 0; i < chunk.length; i++) {
+        const byte = chunk[i]!;
+        if (byte === 0) {
+          this.violation = "NUL";
+          break;
+        }
+        if (byte === 0x0a && this.previous !== 0x0d) {
+          this.violation = "bare LF";
+          break;
+        }
+        if (this.previous === 0x0d && byte !== 0x0a) {
+          this.violation = "bare CR";
+          break;
+        }
+        this.previous = byte;
+      }
+    }
+    callback(null, chunk);
+  }
+
+  override _flush(callback: TransformCallback): void {
+    if (!this.violation && this.previous === 0x0d) this.violation = "bare CR";
+    callback();
+  }
+}

@@ -1,0 +1,193 @@
+// Receives spooled messages from the edge (`spool` streams), opens them with the spool key —
+// every chunk verified before its bytes go on — and hands them to Postfix's tunnel-facing port as
+// if the original client were connecting: PROXY header with its address, EHLO with its HELO.
+// Postfix's verdict goes back as RESULT; the id is logged durably first, so a lost RESULT never
+// delivers twice.
+import net from "node:net";
+import { Readable } from "node:stream";
+import {
+  encodeProxyV1,
+  encodeProxyV2,
+  type KeyPair,
+  type Logger,
+  type MuxStream,
+  parseSpoolHeader,
+  proxyAddresses,
+  ResetCode,
+  type SpoolHeader,
+  SpoolOpener,
+} from "@mxtunnel/shared";
+import nodemailer from "nodemailer";
+import type { InjectedLog } from "./injected-log.js";
+import type { ServiceTarget } from "./service-connector.js";
+
+export interface SpoolInjectorOptions {
+  spoolKeyPair: KeyPair;
+  inject: ServiceTarget;
+  log: InjectedLog;
+  logger: Logger;
+}
+
+export interface InjectResult {
+  status: "delivered" | "deferred" | "rejected" | "corrupt";
+  duplicate?: boolean;
+  code?: number;
+  message?: string;
+  accepted?: string[];
+  rejected?: string[];
+}
+
+export class SpoolInjector {
+  readonly counters = { delivered: 0, duplicates: 0, deferred: 0, rejected: 0, corrupt: 0 };
+
+  constructor(private readonly options: SpoolInjectorOptions) {}
+
+  handle(stream: MuxStream): void {
+    stream.on("error", () => {});
+    let header: SpoolHeader;
+    try {
+      header = parseSpoolHeader(stream.meta.header);
+    } catch (error) {
+      this.options.logger.warn({ err: (error as Error).message }, "spool stream with a bad header refused");
+      stream.reset(ResetCode.REFUSED, "bad spool header");
+      return;
+    }
+    stream.accept();
+    void this.inject(stream, header).then((result) => {
+      this.counters[result.duplicate ? "duplicates" : result.status]++;
+      if (!stream.destroyed) {
+        stream.sendResult(result);
+        stream.end();
+      }
+    });
+  }
+
+  private async inject(stream: MuxStream, header: SpoolHeader): Promise<InjectResult> {
+    const { log, logger } = this.options;
+    const slog = logger.child({ id: header.id });
+    if (log.has(header.id)) {
+      // Delivered before; the edge never heard. Read and discard, then say so.
+      stream.resume();
+      await new Promise((resolve) => stream.once("end", resolve));
+      slog.info("spooled message already delivered earlier; acknowledging again");
+      return { status: "delivered", duplicate: true };
+    }
+    let opener: SpoolOpener;
+    try {
+      opener = new SpoolOpener(header, this.options.spoolKeyPair);
+    } catch (error) {
+      stream.resume();
+      slog.error({ err: (error as Error).message }, "cannot open spooled message (wrong spool key?)");
+      return { status: "corrupt", message: (error as Error).message };
+    }
+    let corrupt: Error | undefined;
+    const plaintext = new Readable({ read() {} });
+    stream.on("data", (chunk: Buffer) => {
+      if (corrupt) return;
+      try {
+        const out = opener.update(chunk);
+        if (out.length) plaintext.push(out);
+      } catch (error) {
+        corrupt = error as Error;
+        plaintext.destroy(corrupt);
+      }
+    });
+    stream.once("end", () => {
+      if (corrupt) return;
+      try {
+        const out = opener.final();
+        if (out.length) plaintext.push(out);
+        plaintext.push(null);
+      } catch (error) {
+        corrupt = error as Error;
+        plaintext.destroy(corrupt);
+      }
+    });
+    stream.once("close", () => {
+      if (!plaintext.readableEnded && !corrupt) plaintext.destroy(new Error("tunnel closed mid-message"));
+    });
+
+    const { envelope, client } = header;
+    const transport = nodemailer.createTransport({
+      host: this.options.inject.target.host,
+      port: this.options.inject.target.port,
+      name: client.helo || "unknown",
+      ignoreTLS: true,
+      connectionTimeout: 10_000,
+      socketTimeout: 10 * 60_000,
+      getSocket: (
+        _options: unknown,
+        callback: (error: Error | null, socket?: { connection: net.Socket }) => void,
+      ) => {
+        const socket = net.connect({
+          host: this.options.inject.target.host,
+          port: this.options.inject.target.port,
+        });
+        socket.once("error", (error) => callback(error));
+        socket.once("connect", () => {
+          const header = this.proxyHeader(client.address, client.port);
+          if (header) socket.write(header);
+          callback(null, { connection: socket });
+        });
+      },
+    } as never);
+    try {
+      const info = (await transport.sendMail({
+        envelope: {
+          from: envelope.mailFrom,
+          to: envelope.rcptTo.map((r: { address: string }) => r.address),
+          use8BitMime: envelope.mailParams.BODY?.toUpperCase() === "8BITMIME",
+        } as never,
+        raw: plaintext,
+        ...dsnOptions(header),
+      })) as { accepted: string[]; rejected: string[]; response: string };
+      if (corrupt) throw corrupt;
+      await log.record(header.id);
+      slog.info(
+        { accepted: info.accepted.length, rejected: info.rejected.length, client: client.address },
+        "spooled message delivered to Postfix",
+      );
+      return {
+        status: "delivered",
+        accepted: info.accepted.map(String),
+        rejected: info.rejected.map(String),
+        message: info.response,
+      };
+    } catch (error) {
+      const e = error as Error & { responseCode?: number; response?: string };
+      if (corrupt) {
+        slog.error({ err: corrupt.message }, "spooled message failed verification: not delivered");
+        return { status: "corrupt", message: corrupt.message };
+      }
+      const code = e.responseCode;
+      const message = e.response ?? e.message;
+      if (code && code >= 500) {
+        slog.warn({ code, message }, "Postfix rejected a spooled message");
+        return { status: "rejected", code, message };
+      }
+      slog.warn({ code, message }, "Postfix deferred a spooled message");
+      return { status: "deferred", ...(code ? { code } : {}), message };
+    } finally {
+      transport.close();
+    }
+  }
+
+  private proxyHeader(address: string, port: number): Buffer | undefined {
+    const { target, proxyProtocol } = this.options.inject;
+    if (proxyProtocol === "off") return undefined;
+    const addresses = proxyAddresses({ address, port }, { address: target.host, port: 25 });
+    return proxyProtocol === "v1" ? encodeProxyV1(addresses) : encodeProxyV2(addresses);
+  }
+}
+
+function dsnOptions(header: SpoolHeader): { dsn?: Record<string, string | string[]> } {
+  const { mailParams, rcptTo } = header.envelope;
+  const dsn: Record<string, string | string[]> = {};
+  if (mailParams.RET) dsn.ret = mailParams.RET;
+  if (mailParams.ENVID) dsn.envid = mailParams.ENVID;
+  const notify = rcptTo[0]?.params.NOTIFY;
+  if (notify) dsn.notify = notify.split(",");
+  const orcpt = rcptTo[0]?.params.ORCPT;
+  if (orcpt) dsn.orcpt = orcpt;
+  return Object.keys(dsn).length ? { dsn } : {};
+}
