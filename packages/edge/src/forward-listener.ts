@@ -169,6 +169,51 @@ export class ForwardListener {
   }
 }
 
+/**
+ * The line a forwarded service's client gets before the edge closes the connection, in that
+ * protocol's own words, for protocols where the server speaks first in plain text (so a mail client
+ * shows a reason instead of a bare disconnect). Empty for everything else, TLS-from-the-first-byte
+ * ports (imaps, submissions, pop3s) above all: those connections are just closed.
+ */
+export function goodbyeLine(service: string, hostname: string, why: string, smtpCode = "421 4.3.2"): string {
+  switch (service) {
+    case "smtp":
+    case "submission":
+      return `${smtpCode} ${hostname} ${why}, try again later\r\n`;
+    case "imap":
+      return `* BYE ${why}\r\n`;
+    case "pop3":
+      return `-ERR ${why}\r\n`;
+    case "sieve":
+    case "managesieve":
+      return `BYE "${why}"\r\n`;
+    default:
+      return "";
+  }
+}
+
+/** The fallback of a forwarded service (never spooled): a goodbye where the protocol has one, then close. */
+export function forwardTryLater(service: string, hostname: string) {
+  return (socket: net.Socket, reason: FallbackReason): void => {
+    const why =
+      reason === "no-tunnel" || reason === "tunnel-lost"
+        ? "mail server unreachable"
+        : "mail server not ready";
+    const line = goodbyeLine(service, hostname, why);
+    if (!line) {
+      socket.destroy();
+      return;
+    }
+    socket.end(line);
+    socket.resume();
+  };
+}
+
+/** What a forwarded service's client refused by a connection limit gets (see goodbyeLine). */
+export function forwardOverLimitReply(service: string, hostname: string): string {
+  return goodbyeLine(service, hostname, "too many connections", "421 4.7.0");
+}
+
 /** Until the edge spools, a client that cannot be served live is told to come back later. */
 export function smtpTryLater(hostname: string) {
   return (socket: net.Socket, reason: FallbackReason): void => {

@@ -48,9 +48,12 @@ export class ServiceConnector {
       stream.reset(ResetCode.REFUSED, "malformed forward metadata");
       return;
     }
-    const log = logger.child({ session: meta.session, service: meta.service });
+    // The name comes from the edge (up to 8 KiB of metadata): bounded before it reaches a log line.
+    const log = logger.child({ session: meta.session, service: meta.service.slice(0, 64) });
+    // A Map, never an object lookup: "__proto__" or "constructor" must not resolve to anything.
     const service = this.options.services.get(meta.service);
     if (!service) {
+      // Refused before any socket exists: home opens no connection for a service it does not list.
       this.counters.refusedService++;
       log.warn("the edge asked for a service this home does not list; refused");
       stream.reset(ResetCode.REFUSED, `unknown service ${meta.service.slice(0, 64)}`);
