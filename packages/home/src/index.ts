@@ -6,3 +6,4 @@ export * from "./pairing.js";
 export * from "./service-connector.js";
 export * from "./state.js";
 export * from "./status.js";
+export * from "./relay-listener.js";

@@ -241,6 +241,12 @@ class Engine {
   private tunnelRecvTotal = 0;
   private tunnelUnread = 0;
 
+  /**
+   * Frames outside the round-robin (OPEN, ACCEPT, WINDOW, RESET, PING/PONG, CONTROL), in order. They
+   * jump the DATA queue and the transport's backpressure, and leave with the next flush, so what one
+   * turn of the event loop produces goes out together (one socket write under a corking transport).
+   */
+  private urgent: Uint8Array[] = [];
   private flushImmediate: NodeJS.Immediate | undefined;
   private waitingForDrain = false;
   private drainPoll: NodeJS.Timeout | undefined;
@@ -267,7 +273,8 @@ class Engine {
       return;
     }
     this.tunnelGranted = this.options.tunnelBudget;
-    this.sendFrame({ type: "window", stream: 0, credit: this.options.tunnelBudget });
+    // At once, not at the next flush: it joins the handshake's last message in the same write.
+    this.sendNow(encodeFrame({ type: "window", stream: 0, credit: this.options.tunnelBudget }));
     if (this.options.pingIntervalMs > 0) {
       this.pingTimer = setInterval(() => this.sendPing(undefined), this.options.pingIntervalMs).unref();
     }
@@ -406,14 +413,19 @@ class Engine {
       const reason = error ? "stream failed" : "cancelled";
       this.sendFrame({ type: "reset", stream: state.id, code: ResetCode.CANCEL, reason });
     }
-    const dropped = new MxtunnelError(
-      "TUNNEL_CLOSED",
-      `stream ${state.id} was closed before this write was sent`,
-    );
-    for (const item of state.out.drain()) {
-      if (item.kind !== "data") continue;
-      this.queuedBytes -= item.chunk.byteLength - item.offset;
-      item.callback?.(dropped);
+    if (state.out.length > 0) {
+      // Built only when needed: an Error (with its stack) per closed stream showed in profiles.
+      let dropped: MxtunnelError | undefined;
+      for (const item of state.out.drain()) {
+        if (item.kind !== "data") continue;
+        this.queuedBytes -= item.chunk.byteLength - item.offset;
+        if (!item.callback) continue;
+        dropped ??= new MxtunnelError(
+          "TUNNEL_CLOSED",
+          `stream ${state.id} was closed before this write was sent`,
+        );
+        item.callback(dropped);
+      }
     }
     state.pendingResults = [];
     state.inbox.drain();
@@ -699,15 +711,28 @@ class Engine {
 
   // ---- sending -----------------------------------------------------------------------------------
 
+  /** Queues a frame outside the round-robin; see `urgent`. */
   private sendRaw(bytes: Uint8Array): void {
     if (this.closed) return;
-    this.bytesSent += bytes.byteLength;
-    this.transport.send(bytes);
+    this.urgent.push(bytes);
+    this.scheduleFlush();
   }
 
   private sendFrame(frame: Frame): void {
     if (this.closed) return;
     this.sendRaw(encodeFrame(frame));
+  }
+
+  private sendNow(bytes: Uint8Array): void {
+    this.bytesSent += bytes.byteLength;
+    this.transport.send(bytes);
+  }
+
+  private sendUrgent(): void {
+    if (this.urgent.length === 0) return;
+    const frames = this.urgent;
+    this.urgent = [];
+    for (const bytes of frames) this.sendNow(bytes);
   }
 
   private releaseResults(state: StreamState, all: boolean): void {
@@ -733,14 +758,17 @@ class Engine {
   }
 
   private scheduleFlush(): void {
-    if (this.flushImmediate || this.waitingForDrain || this.closed) return;
+    if (this.flushImmediate || this.closed) return;
+    if (this.waitingForDrain && this.urgent.length === 0) return;
     this.flushImmediate = setImmediate(this.flush);
   }
 
-  /** One frame per stream per turn, round-robin, while the transport has room. */
+  /** Urgent frames first, then one DATA/RESULT/END per stream per turn, round-robin, while the transport has room. */
   private readonly flush = (): void => {
     this.flushImmediate = undefined;
     if (this.closed) return;
+    this.sendUrgent();
+    if (this.waitingForDrain) return;
     const callbacks: WriteCallback[] = [];
     while (this.ready.length > 0) {
       if (this.transport.bufferedAmount > this.options.maxBufferedAmount) {
@@ -763,7 +791,7 @@ class Engine {
           this.acceptImplicitly(state);
           const size = Math.min(remaining, MAX_DATA_PAYLOAD, state.sendCredit, this.tunnelSendCredit);
           const data = item.chunk.subarray(item.offset, item.offset + size);
-          this.sendFrame({ type: "data", stream: state.id, data });
+          this.sendNow(encodeFrame({ type: "data", stream: state.id, data }));
           item.offset += size;
           state.sendCredit -= size;
           this.tunnelSendCredit -= size;
@@ -779,11 +807,11 @@ class Engine {
       } else if (item.kind === "result") {
         this.acceptImplicitly(state);
         state.out.shift();
-        this.sendRaw(item.frame);
+        this.sendNow(item.frame);
       } else {
         this.acceptImplicitly(state);
         state.out.shift();
-        this.sendFrame({ type: "end", stream: state.id });
+        this.sendNow(encodeFrame({ type: "end", stream: state.id }));
         state.endSent = true;
         callbacks.push(item.callback);
         this.maybeForget(state);
@@ -801,7 +829,7 @@ class Engine {
   private acceptImplicitly(state: StreamState): void {
     if (state.local || state.accepted) return;
     state.accepted = true;
-    this.sendFrame({ type: "accept", stream: state.id });
+    this.sendNow(encodeFrame({ type: "accept", stream: state.id }));
   }
 
   private waitForDrain(): void {
@@ -882,6 +910,8 @@ class Engine {
 
   private shutdown(error: Error | undefined, closeTransport?: { code: number; reason: string }): void {
     if (this.closed) return;
+    // A RESET or CONTROL queued just before close() still reaches the peer ahead of the close.
+    if (closeTransport && !this.transport.closed) this.sendUrgent();
     this.closed = true;
     clearInterval(this.pingTimer);
     clearTimeout(this.idleTimer);
@@ -897,6 +927,7 @@ class Engine {
     for (const state of [...this.streams.values()]) state.stream.destroy();
     this.streams.clear();
     this.ready.drain();
+    this.urgent = [];
     this.tunnelBlocked = [];
     if (closeTransport) this.transport.close(closeTransport.code, closeTransport.reason);
     if (error) this.mux.emit("close", error);

@@ -1,6 +1,11 @@
 // Adapts a `ws` WebSocket to MessageTransport: binary messages in, binary messages out, and a
 // bufferedAmount that counts what we handed to ws and the socket has not written yet.
+//
+// Every message sent within one tick leaves in a single socket write: the first send of a tick corks
+// the TCP socket and a process.nextTick uncorks it. ws corks only around one frame's header and
+// payload, so without this each Noise message (one per mux frame) cost its own writev syscall.
 import { EventEmitter } from "node:events";
+import type { Socket } from "node:net";
 import type WebSocket from "ws";
 import {
   CLOSE_PROTOCOL_ERROR,
@@ -14,6 +19,7 @@ export class WebSocketTransport extends EventEmitter<TransportEvents> implements
   private aboveLowWater = false;
   private isClosed = false;
   private closeTimer: NodeJS.Timeout | undefined;
+  private corked = false;
 
   constructor(private readonly ws: WebSocket) {
     super();
@@ -39,8 +45,13 @@ export class WebSocketTransport extends EventEmitter<TransportEvents> implements
     return this.isClosed;
   }
 
+  /** The TCP socket under ws (a private field of ws 8; set once the connection is open). */
+  private get socket(): Socket | undefined {
+    return (this.ws as unknown as { _socket?: Socket })._socket;
+  }
+
   get remoteAddress(): string | undefined {
-    return (this.ws as unknown as { _socket?: { remoteAddress?: string } })._socket?.remoteAddress;
+    return this.socket?.remoteAddress;
   }
 
   send(message: Uint8Array): void {
@@ -48,6 +59,14 @@ export class WebSocketTransport extends EventEmitter<TransportEvents> implements
     const size = message.byteLength;
     this.outstanding += size;
     if (this.outstanding > DRAIN_LOW_WATER) this.aboveLowWater = true;
+    if (!this.corked) {
+      const socket = this.socket;
+      if (socket) {
+        this.corked = true;
+        socket.cork();
+        process.nextTick(this.uncork, socket);
+      }
+    }
     this.ws.send(message, { binary: true }, () => {
       this.outstanding -= size;
       if (this.aboveLowWater && this.outstanding <= DRAIN_LOW_WATER) {
@@ -56,6 +75,12 @@ export class WebSocketTransport extends EventEmitter<TransportEvents> implements
       }
     });
   }
+
+  private readonly uncork = (socket: Socket): void => {
+    this.corked = false;
+    // end() and destroy() already flush or drop what was corked; uncork() is then a no-op.
+    socket.uncork();
+  };
 
   close(code = 1000, reason = ""): void {
     if (this.isClosed) return;

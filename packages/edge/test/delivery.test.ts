@@ -1,0 +1,229 @@
+import type { AddressInfo } from "node:net";
+import { createLogger, type HostPort } from "@mxtunnel/shared";
+import { SMTPServer } from "smtp-server";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { Deliverer, RouteError, enhancedOf, isRefusedDestination } from "../src/delivery.js";
+import { startDnsServer } from "./dns-server.js";
+
+const logger = createLogger({ name: "test", level: "silent" });
+
+interface Received {
+  ehlo: string;
+  mailFrom: string;
+  mailArgs: unknown;
+  rcptTo: string[];
+  message: string;
+}
+
+async function receiver(rcptReplies: Record<string, { code: number; text: string }>) {
+  const received: Received[] = [];
+  const server = new SMTPServer({
+    authOptional: true,
+    disabledCommands: ["STARTTLS", "AUTH"],
+    logger: false,
+    onRcptTo(address, _session, callback) {
+      const reply = rcptReplies[address.address];
+      if (reply) return callback(Object.assign(new Error(reply.text), { responseCode: reply.code }));
+      callback();
+    },
+    onData(stream, session, callback) {
+      const chunks: Buffer[] = [];
+      stream.on("data", (c: Buffer) => chunks.push(c));
+      stream.on("end", () => {
+        received.push({
+          ehlo: session.hostNameAppearsAs,
+          mailFrom: session.envelope.mailFrom ? session.envelope.mailFrom.address : "",
+          mailArgs: session.envelope.mailFrom ? session.envelope.mailFrom.args : undefined,
+          rcptTo: session.envelope.rcptTo.map((r) => r.address),
+          message: Buffer.concat(chunks).toString(),
+        });
+        callback();
+      });
+    },
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const port = (server.server.address() as AddressInfo).port;
+  return { server, port, received, stop: () => new Promise<void>((r) => server.close(() => r())) };
+}
+
+function deliverer(options: { transports?: Record<string, HostPort>; dnsServers?: string[]; requireTLS?: string[] }) {
+  return new Deliverer({
+    hostname: "mx.edge.test",
+    transports: options.transports ?? {},
+    dnsServers: options.dnsServers ?? [],
+    requireTLS: options.requireTLS ?? [],
+    logger,
+    connectTimeoutMs: 5000,
+    commandTimeoutMs: 10_000,
+  });
+}
+
+describe("route lookup", () => {
+  let dns: Awaited<ReturnType<typeof startDnsServer>>;
+  beforeAll(async () => {
+    dns = await startDnsServer({
+      "loop.test": { mx: [{ priority: 10, exchange: "mx.loop.test" }] },
+      "mx.loop.test": { a: ["127.0.0.1"] },
+      "private.test": { mx: [{ priority: 10, exchange: "mx.private.test" }] },
+      "mx.private.test": { a: ["192.168.1.10"], aaaa: ["fd00::25"] },
+      "nullmx.test": { mx: [{ priority: 0, exchange: "" }] },
+      "aonly.test": { a: ["203.0.113.5"] },
+      "empty.test": {},
+      "pref.test": {
+        mx: [
+          { priority: 20, exchange: "backup.pref.test" },
+          { priority: 5, exchange: "primary.pref.test" },
+        ],
+      },
+      "primary.pref.test": { a: ["203.0.113.10"] },
+      "backup.pref.test": { a: ["198.51.100.20"], aaaa: ["2001:db8::20"] },
+      "half.test": { mx: [{ priority: 10, exchange: "a.half.test" }, { priority: 20, exchange: "b.half.test" }] },
+      "a.half.test": { a: ["10.0.0.1"] },
+      "b.half.test": { a: ["203.0.113.77"] },
+    });
+  });
+  afterAll(() => dns.stop());
+
+  const expectRouteError = async (domain: string, outcome: string, enhanced: string) => {
+    const error = await deliverer({ dnsServers: [dns.address] })
+      .route(domain)
+      .catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(RouteError);
+    expect((error as RouteError).outcome).toBe(outcome);
+    expect((error as RouteError).enhanced).toBe(enhanced);
+  };
+
+  it("orders MX hosts by preference and resolves A and AAAA", async () => {
+    const hops = await deliverer({ dnsServers: [dns.address] }).route("pref.test");
+    expect(hops.map((h) => h.name)).toEqual(["primary.pref.test", "backup.pref.test"]);
+    expect(hops[1]?.addresses).toEqual(["198.51.100.20", "2001:db8::20"]);
+    expect(hops[0]?.port).toBe(25);
+  });
+
+  it("falls back to the domain's own A record when it has no MX", async () => {
+    const hops = await deliverer({ dnsServers: [dns.address] }).route("aonly.test");
+    expect(hops).toEqual([{ name: "aonly.test", addresses: ["203.0.113.5"], port: 25 }]);
+  });
+
+  it("refuses an MX pointing at 127.0.0.1 as a permanent failure", async () => {
+    await expectRouteError("loop.test", "failed", "5.4.4");
+  });
+
+  it("refuses private and unique-local answers", async () => {
+    await expectRouteError("private.test", "failed", "5.4.4");
+  });
+
+  it("skips a private MX but keeps a public one", async () => {
+    const hops = await deliverer({ dnsServers: [dns.address] }).route("half.test");
+    expect(hops.map((h) => h.name)).toEqual(["b.half.test"]);
+  });
+
+  it("treats a null MX (RFC 7505) as a permanent failure", async () => {
+    await expectRouteError("nullmx.test", "failed", "5.1.10");
+  });
+
+  it("fails a domain that does not exist, and one with no MX, A or AAAA", async () => {
+    await expectRouteError("nosuch.test", "failed", "5.1.2");
+    await expectRouteError("empty.test", "failed", "5.1.2");
+  });
+
+  it("defers when the resolver cannot be reached", async () => {
+    const error = await new Deliverer({
+      hostname: "mx.edge.test",
+      transports: {},
+      dnsServers: ["127.0.0.1:9"],
+      requireTLS: [],
+      logger,
+      connectTimeoutMs: 1000,
+      commandTimeoutMs: 1000,
+    })
+      .route("pref.test")
+      .catch((e: unknown) => e);
+    expect((error as RouteError).outcome).toBe("deferred");
+  });
+
+  it("lets transports name loopback hosts, and asks no DNS for them", async () => {
+    const before = dns.queries.length;
+    const hops = await deliverer({ dnsServers: [dns.address], transports: { "loop.test": { host: "127.0.0.1", port: 2526 } } }).route("loop.test");
+    expect(hops).toEqual([{ name: "127.0.0.1", addresses: ["127.0.0.1"], port: 2526 }]);
+    expect(dns.queries.length).toBe(before);
+  });
+
+  it("classifies destinations", () => {
+    const own = new Set(["203.0.113.1"]);
+    expect(isRefusedDestination("127.0.0.1", own)).toBe(true);
+    expect(isRefusedDestination("::ffff:10.1.2.3", own)).toBe(true);
+    expect(isRefusedDestination("203.0.113.1", own)).toBe(true);
+    expect(isRefusedDestination("224.0.0.1", own)).toBe(true);
+    expect(isRefusedDestination("ff02::1", own)).toBe(true);
+    expect(isRefusedDestination("203.0.113.2", own)).toBe(false);
+    expect(isRefusedDestination("2001:db8::1", own)).toBe(false);
+  });
+
+  it("reads enhanced codes from replies", () => {
+    expect(enhancedOf("550 5.1.1 no such user", 550)).toBe("5.1.1");
+    expect(enhancedOf("451 try later", 451)).toBe("4.0.0");
+    expect(enhancedOf("", 554)).toBe("5.0.0");
+  });
+});
+
+describe("delivery over SMTP", () => {
+  let rx: Awaited<ReturnType<typeof receiver>>;
+  beforeAll(async () => {
+    rx = await receiver({
+      "gone@remote.test": { code: 550, text: "5.1.1 no such user" },
+      "busy@remote.test": { code: 450, text: "4.2.1 mailbox busy" },
+    });
+  });
+  afterAll(() => rx.stop());
+
+  it("carries every recipient of the domain on one connection, EHLO = edge hostname, with a result each", async () => {
+    const message = Buffer.from("From: a@home.test\r\nTo: b@remote.test\r\nSubject: x\r\n\r\n.leading dot\r\nbody\r\n");
+    const results = await deliverer({ transports: { "remote.test": { host: "127.0.0.1", port: rx.port } } }).deliver({
+      domain: "remote.test",
+      mailFrom: "a@home.test",
+      params: { BODY: "8BITMIME" },
+      recipients: [
+        { address: "b@remote.test", params: {} },
+        { address: "gone@remote.test", params: {} },
+        { address: "busy@remote.test", params: {} },
+      ],
+      message,
+    });
+    expect(results.map((r) => [r.address, r.outcome, r.code, r.enhanced])).toEqual([
+      ["b@remote.test", "delivered", 250, "2.0.0"],
+      ["gone@remote.test", "failed", 550, "5.1.1"],
+      ["busy@remote.test", "deferred", 450, "4.2.1"],
+    ]);
+    expect(rx.received).toHaveLength(1);
+    const got = rx.received[0]!;
+    expect(got.ehlo).toBe("mx.edge.test");
+    expect(got.mailFrom).toBe("a@home.test");
+    expect(got.rcptTo).toEqual(["b@remote.test"]);
+    expect(got.message).toBe(message.toString());
+    expect(got.mailArgs).toMatchObject({ BODY: "8BITMIME" });
+  });
+
+  it("defers when nothing listens, and when requireTLS meets a server without STARTTLS", async () => {
+    const closed = await deliverer({ transports: { "remote.test": { host: "127.0.0.1", port: 9 } } }).deliver({
+      domain: "remote.test",
+      mailFrom: "a@home.test",
+      params: {},
+      recipients: [{ address: "b@remote.test", params: {} }],
+      message: Buffer.from("From: a@home.test\r\n\r\nx\r\n"),
+    });
+    expect(closed[0]?.outcome).toBe("deferred");
+    const noTls = await deliverer({
+      transports: { "remote.test": { host: "127.0.0.1", port: rx.port } },
+      requireTLS: ["remote.test"],
+    }).deliver({
+      domain: "remote.test",
+      mailFrom: "a@home.test",
+      params: {},
+      recipients: [{ address: "b@remote.test", params: {} }],
+      message: Buffer.from("From: a@home.test\r\n\r\nx\r\n"),
+    });
+    expect(noTls[0]?.outcome).toBe("deferred");
+    expect(noTls[0]?.enhanced).toBe("4.7.10");
+  });
+});
