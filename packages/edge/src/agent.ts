@@ -187,7 +187,10 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
         forward.listen,
         forward.service,
         forward.limits,
-        forwardTryLater(forward.service, config.hostname),
+        // Another port for inbound SMTP (e.g. an IPv6 listener) is backed by the spool like port 25.
+        forward.service === "smtp"
+          ? (socket) => spool.accept(socket)
+          : forwardTryLater(forward.service, config.hostname),
         forwardOverLimitReply(forward.service, config.hostname),
       );
       forwardAddresses.push(await f.start());
@@ -205,7 +208,7 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
         edgeStatus({
           state,
           config,
-          running: { startedAt, tunnels, listeners: [smtp, ...forwards], spool: spoolStore },
+          running: { startedAt, tunnels, listeners: [smtp, ...forwards], spool: spoolStore, recipients },
         }),
       stop: cleanup,
     };

@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // mxtunnel-edge: parses the command line, validates config, and calls the core. Nothing here
 // decides policy; the core never reads argv or env and never exits the process.
+import { join } from "node:path";
 import {
   AdminUnavailable,
   AGENT_VERSION,
@@ -15,6 +16,8 @@ import { Command } from "commander";
 import { issuePairingToken, runEdge } from "./agent.js";
 import { loadEdgeConfigFrom } from "./config.js";
 import { initEdge } from "./init.js";
+import { outboundQueueEntries, renderOutboundQueue } from "./outbound-queue.js";
+import { renderSpoolQueue, SpoolStore, spoolQueueEntries } from "./spool-store.js";
 import { EdgeState, edgePaths, lockEdgeState } from "./state.js";
 import { type EdgeStatus, edgeStatus, renderEdgeStatus } from "./status.js";
 
@@ -174,6 +177,55 @@ export function buildProgram(): Command {
       process.stdout.write(
         opts.json ? `${JSON.stringify(status, null, 2)}\n` : `${renderEdgeStatus(status)}\n`,
       );
+    });
+
+  program
+    .command("queue")
+    .description(
+      "the spool (mail held for home) and the outbound queue: ids, ages, sizes, tries — never content",
+    )
+    .argument("[action]", "list (default), flush (retry everything now) or delete", "list")
+    .argument("[id]", "the message id, with delete")
+    .requiredOption("--dir <dir>", "edge state directory")
+    .option("--json", "machine-readable output")
+    .action(async (action: string, id: string | undefined, opts: { dir: string; json?: boolean }) => {
+      if (action === "list") {
+        const queues = await viaAgentOrLock(opts.dir, "queue", {}, async () => ({
+          spool: spoolQueueEntries(
+            await SpoolStore.open(join(opts.dir, "spool"), createLogger({ name: NAME, level: "warn" })),
+          ),
+          outbound: await outboundQueueEntries(opts.dir),
+        }));
+        if (opts.json) {
+          process.stdout.write(`${JSON.stringify(queues, null, 2)}\n`);
+          return;
+        }
+        process.stdout.write(
+          `${renderSpoolQueue(queues.spool)}\n\n${renderOutboundQueue(queues.outbound)}\n`,
+        );
+      } else if (action === "flush") {
+        const result = await viaAgentOrLock(opts.dir, "queue-flush", {}, async () => {
+          throw new Error("the edge is not running: queued mail is retried as soon as it starts");
+        });
+        process.stdout.write(`flushed: ${JSON.stringify(result)}\n`);
+      } else if (action === "delete") {
+        if (!id) throw new Error("queue delete needs the message id (see `mxtunnel-edge queue`)");
+        await viaAgentOrLock(opts.dir, "queue-delete", { id }, async () => {
+          const store = await SpoolStore.open(
+            join(opts.dir, "spool"),
+            createLogger({ name: NAME, level: "warn" }),
+          );
+          if (!store.get(id))
+            throw new Error(
+              `no spooled message has id ${id} (outbound entries can be deleted while the edge runs)`,
+            );
+          await store.remove(id);
+          return { deleted: id };
+        });
+        process.stdout.write(`deleted ${id}\n`);
+      } else {
+        throw new Error(`unknown queue action "${action}": use list, flush or delete ID`);
+      }
     });
 
   return program;

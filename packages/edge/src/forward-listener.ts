@@ -213,15 +213,3 @@ export function forwardTryLater(service: string, hostname: string) {
 export function forwardOverLimitReply(service: string, hostname: string): string {
   return goodbyeLine(service, hostname, "too many connections", "421 4.7.0");
 }
-
-/** Until the edge spools, a client that cannot be served live is told to come back later. */
-export function smtpTryLater(hostname: string) {
-  return (socket: net.Socket, reason: FallbackReason): void => {
-    const why =
-      reason === "no-tunnel" || reason === "tunnel-lost"
-        ? "mail server unreachable"
-        : "mail server not ready";
-    socket.end(`421 4.3.2 ${hostname} ${why}, try again later\r\n`);
-    socket.resume();
-  };
-}

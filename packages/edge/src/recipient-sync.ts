@@ -16,17 +16,24 @@ export async function receiveRecipientList(
   const { home } = tunnel;
   const meta = stream.meta as { version?: unknown; sha256?: unknown; delimiter?: unknown };
   stream.on("error", () => {});
-  const chunks: Buffer[] = [];
-  let size = 0;
-  for await (const chunk of stream as AsyncIterable<Buffer>) {
-    size += chunk.length;
-    if (size > MAX_LIST_BYTES) {
-      stream.reset(ResetCode.REFUSED, "recipient list too large");
-      return;
-    }
-    chunks.push(chunk);
-  }
-  const body = Buffer.concat(chunks);
+  // Read with events, not `for await`: leaving an async iterator destroys the stream, and the
+  // RESULT below must still go out on it.
+  const body = await new Promise<Buffer | undefined>((resolve) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    stream.on("data", (chunk: Buffer) => {
+      size += chunk.length;
+      if (size > MAX_LIST_BYTES) {
+        stream.reset(ResetCode.REFUSED, "recipient list too large");
+        resolve(undefined);
+        return;
+      }
+      chunks.push(chunk);
+    });
+    stream.once("end", () => resolve(Buffer.concat(chunks)));
+    stream.once("close", () => resolve(undefined));
+  });
+  if (!body) return;
   if (typeof meta.sha256 !== "string" || sha256Hex(body) !== meta.sha256) {
     stream.sendResult({ status: "error", message: "hash mismatch" });
     stream.end();

@@ -9,6 +9,10 @@ import {
   readSpoolMeta,
 } from "@mxtunnel/shared";
 import type { SpoolEntry, SpoolStore } from "./spool-store.js";
+
+/** Where the header begins in a spool file: after "MXSPOOL1" and the u32 header length. */
+const SPOOL_HEADER_OFFSET = 12;
+
 import type { TunnelServer } from "./tunnel-server.js";
 
 export interface SpoolDrainOptions {
@@ -77,6 +81,7 @@ export class SpoolDrain {
       const tunnel = tunnels.tunnelOf(entry.homeKey);
       if (!tunnel || tunnel.mux.closed || now - tunnel.connectedAt < stableAfterMs) continue;
       this.inFlight.add(entry.id);
+      this.options.logger.debug({ id: entry.id, tries: entry.tries }, "draining to home");
       void this.send(entry, tunnel.mux.open.bind(tunnel.mux)).finally(() => {
         this.inFlight.delete(entry.id);
         this.kick();
@@ -93,12 +98,21 @@ export class SpoolDrain {
     let result: SpoolResult;
     try {
       const meta = await readSpoolMeta(entry.path);
+      // The stream carries the header's exact bytes, then the sealed chunks: a header with many
+      // recipients may outgrow the 8 KiB limit on stream metadata. The preamble is the 8-byte magic
+      // and a u32 length, so the header starts at byte 12 and runs up to the cipher.
+      const headerLength = meta.cipherOffset - SPOOL_HEADER_OFFSET;
       const stream = open("spool", {
-        header: meta.header,
+        id: entry.id,
+        headerLength,
         cipherLength: meta.cipherLength,
         cipherSha256: meta.cipherSha256,
       });
-      result = await this.exchange(stream, openSpoolCipherStream(entry.path, meta));
+      const body = openSpoolCipherStream(entry.path, {
+        cipherOffset: SPOOL_HEADER_OFFSET,
+        cipherLength: headerLength + meta.cipherLength,
+      });
+      result = await this.exchange(stream, body);
     } catch (error) {
       result = { status: "deferred", message: (error as Error).message };
     }

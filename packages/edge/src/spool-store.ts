@@ -163,3 +163,17 @@ export function spoolQueueEntries(store: SpoolStore, now = Date.now()) {
     state: entry.tries === 0 ? "waiting for home" : "deferred",
   }));
 }
+
+export function renderSpoolQueue(rows: ReturnType<typeof spoolQueueEntries>): string {
+  if (rows.length === 0) return "spool: empty (nothing waiting for home)";
+  const lines = [
+    `spool: ${rows.length} message(s) waiting for home`,
+    "ID                          AGE      SIZE      RCPT  TRIES  NEXT / LAST ERROR",
+  ];
+  for (const row of rows) {
+    lines.push(
+      `${row.id.padEnd(27)} ${`${row.ageSeconds}s`.padEnd(8)} ${String(row.size).padEnd(9)} ${String(row.recipients).padEnd(5)} ${String(row.tries).padEnd(6)} ${row.lastError ?? row.nextAttempt}`,
+    );
+  }
+  return lines.join("\n");
+}

@@ -1,6 +1,7 @@
 // What `mxtunnel-edge status` reports, as one JSON shape (the human table is rendered from it).
 import { AGENT_VERSION, type EdgeConfig } from "@mxtunnel/shared";
 import type { ForwardListener } from "./forward-listener.js";
+import type { RecipientStore } from "./recipients.js";
 import type { SpoolStore } from "./spool-store.js";
 import type { EdgeState } from "./state.js";
 import type { TunnelServer } from "./tunnel-server.js";
@@ -23,6 +24,8 @@ export interface EdgeStatus {
     rttMs: number | null;
     sessions: number;
     peerVersion: string | null;
+    /** The recipient list home last synced (null: none yet, RCPT gets 450 while spooling). */
+    recipients: { version: number; count: number; syncedAt: string } | null;
   }[];
   sessions: { live: number; accepted: number; spliced: number; fallbacks: number; overLimit: number };
   queues: { spool: number; outbound: number };
@@ -32,7 +35,13 @@ export interface EdgeStatus {
 export function edgeStatus(input: {
   state: EdgeState;
   config: EdgeConfig;
-  running?: { startedAt: number; tunnels: TunnelServer; listeners: ForwardListener[]; spool?: SpoolStore };
+  running?: {
+    startedAt: number;
+    tunnels: TunnelServer;
+    listeners: ForwardListener[];
+    spool?: SpoolStore;
+    recipients?: RecipientStore;
+  };
 }): EdgeStatus {
   const { state, config, running } = input;
   const sum = (pick: (l: ForwardListener) => number) =>
@@ -57,6 +66,7 @@ export function edgeStatus(input: {
         rttMs: tunnel?.mux.lastRttMs ?? null,
         sessions: tunnel?.mux.stats().openStreams ?? 0,
         peerVersion: tunnel?.peerVersion ?? null,
+        recipients: running?.recipients?.info(home.publicKey) ?? null,
       };
     }),
     sessions: {

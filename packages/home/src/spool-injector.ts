@@ -44,69 +44,118 @@ export class SpoolInjector {
 
   handle(stream: MuxStream): void {
     stream.on("error", () => {});
-    let header: SpoolHeader;
-    try {
-      header = parseSpoolHeader(stream.meta.header);
-    } catch (error) {
-      this.options.logger.warn({ err: (error as Error).message }, "spool stream with a bad header refused");
-      stream.reset(ResetCode.REFUSED, "bad spool header");
+    const headerLength = Number(stream.meta.headerLength);
+    if (!Number.isSafeInteger(headerLength) || headerLength <= 0 || headerLength > MAX_HEADER) {
+      this.options.logger.warn("spool stream without a valid header length refused");
+      stream.reset(ResetCode.REFUSED, "bad spool header length");
       return;
     }
     stream.accept();
-    void this.inject(stream, header).then((result) => {
+    // Every listener is attached here, once: the stream carries the header's bytes, then the
+    // sealed chunks, then END, and all of it may arrive in one burst.
+    const headerChunks: Buffer[] = [];
+    let headerBytes = 0;
+    let job: Injection | undefined;
+    let failed: InjectResult | undefined;
+    const finish = (result: InjectResult) => {
       this.counters[result.duplicate ? "duplicates" : result.status]++;
       if (!stream.destroyed) {
         stream.sendResult(result);
         stream.end();
       }
+    };
+    stream.on("data", (chunk: Buffer) => {
+      if (failed) return;
+      if (job) {
+        job.cipher(chunk);
+        return;
+      }
+      headerChunks.push(chunk);
+      headerBytes += chunk.length;
+      if (headerBytes < headerLength) return;
+      const all = Buffer.concat(headerChunks);
+      let header: SpoolHeader;
+      try {
+        header = parseSpoolHeader(JSON.parse(all.subarray(0, headerLength).toString("utf8")));
+      } catch (error) {
+        this.options.logger.warn({ err: (error as Error).message }, "spool stream with a bad header refused");
+        failed = { status: "corrupt", message: (error as Error).message };
+        return;
+      }
+      job = this.start(header);
+      const rest = all.subarray(headerLength);
+      if (rest.length) job.cipher(rest);
     });
+    stream.once("end", () => {
+      if (failed) return finish(failed);
+      if (!job) return finish({ status: "corrupt", message: "the stream ended inside the spool header" });
+      job.end();
+      void job.result.then(finish);
+    });
+    stream.once("close", () => job?.abort());
   }
 
-  private async inject(stream: MuxStream, header: SpoolHeader): Promise<InjectResult> {
+  /** Starts injecting one message; the caller feeds it the sealed bytes as they arrive. */
+  private start(header: SpoolHeader): Injection {
     const { log, logger } = this.options;
     const slog = logger.child({ id: header.id });
     if (log.has(header.id)) {
-      // Delivered before; the edge never heard. Read and discard, then say so.
-      stream.resume();
-      await new Promise((resolve) => stream.once("end", resolve));
+      // Delivered before; the edge never heard. Discard the bytes and say so.
       slog.info("spooled message already delivered earlier; acknowledging again");
-      return { status: "delivered", duplicate: true };
+      return {
+        cipher: () => {},
+        end: () => {},
+        abort: () => {},
+        result: Promise.resolve({ status: "delivered", duplicate: true }),
+      };
     }
     let opener: SpoolOpener;
     try {
       opener = new SpoolOpener(header, this.options.spoolKeyPair);
     } catch (error) {
-      stream.resume();
       slog.error({ err: (error as Error).message }, "cannot open spooled message (wrong spool key?)");
-      return { status: "corrupt", message: (error as Error).message };
+      const result: InjectResult = { status: "corrupt", message: (error as Error).message };
+      return { cipher: () => {}, end: () => {}, abort: () => {}, result: Promise.resolve(result) };
     }
     let corrupt: Error | undefined;
     const plaintext = new Readable({ read() {} });
-    stream.on("data", (chunk: Buffer) => {
-      if (corrupt) return;
-      try {
-        const out = opener.update(chunk);
-        if (out.length) plaintext.push(out);
-      } catch (error) {
-        corrupt = error as Error;
-        plaintext.destroy(corrupt);
-      }
-    });
-    stream.once("end", () => {
-      if (corrupt) return;
-      try {
-        const out = opener.final();
-        if (out.length) plaintext.push(out);
-        plaintext.push(null);
-      } catch (error) {
-        corrupt = error as Error;
-        plaintext.destroy(corrupt);
-      }
-    });
-    stream.once("close", () => {
-      if (!plaintext.readableEnded && !corrupt) plaintext.destroy(new Error("tunnel closed mid-message"));
-    });
+    const fail = (error: Error) => {
+      corrupt ??= error;
+      plaintext.destroy(error);
+    };
+    return {
+      cipher: (chunk) => {
+        if (corrupt) return;
+        try {
+          const out = opener.update(chunk);
+          if (out.length) plaintext.push(out);
+        } catch (error) {
+          fail(error as Error);
+        }
+      },
+      end: () => {
+        if (corrupt) return;
+        try {
+          const out = opener.final();
+          if (out.length) plaintext.push(out);
+          plaintext.push(null);
+        } catch (error) {
+          fail(error as Error);
+        }
+      },
+      abort: () => {
+        if (!plaintext.readableEnded && !corrupt) plaintext.destroy(new Error("tunnel closed mid-message"));
+      },
+      result: this.deliver(header, plaintext, () => corrupt, slog),
+    };
+  }
 
+  private async deliver(
+    header: SpoolHeader,
+    plaintext: Readable,
+    corruption: () => Error | undefined,
+    slog: Logger,
+  ): Promise<InjectResult> {
     const { envelope, client } = header;
     const transport = nodemailer.createTransport({
       host: this.options.inject.target.host,
@@ -141,8 +190,9 @@ export class SpoolInjector {
         raw: plaintext,
         ...dsnOptions(header),
       })) as { accepted: string[]; rejected: string[]; response: string };
+      const corrupt = corruption();
       if (corrupt) throw corrupt;
-      await log.record(header.id);
+      await this.options.log.record(header.id);
       slog.info(
         { accepted: info.accepted.length, rejected: info.rejected.length, client: client.address },
         "spooled message delivered to Postfix",
@@ -155,6 +205,7 @@ export class SpoolInjector {
       };
     } catch (error) {
       const e = error as Error & { responseCode?: number; response?: string };
+      const corrupt = corruption();
       if (corrupt) {
         slog.error({ err: corrupt.message }, "spooled message failed verification: not delivered");
         return { status: "corrupt", message: corrupt.message };
@@ -178,6 +229,15 @@ export class SpoolInjector {
     const addresses = proxyAddresses({ address, port }, { address: target.host, port: 25 });
     return proxyProtocol === "v1" ? encodeProxyV1(addresses) : encodeProxyV2(addresses);
   }
+}
+
+const MAX_HEADER = 64 * 1024;
+
+interface Injection {
+  cipher(chunk: Buffer): void;
+  end(): void;
+  abort(): void;
+  readonly result: Promise<InjectResult>;
 }
 
 function dsnOptions(header: SpoolHeader): { dsn?: Record<string, string | string[]> } {
