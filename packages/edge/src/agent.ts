@@ -35,6 +35,7 @@ import { EdgeState, lockEdgeState } from "./state.js";
 import { type EdgeStatus, edgeStatus } from "./status.js";
 import { loadTlsCertificate } from "./tls.js";
 import { type Tunnel, TunnelServer } from "./tunnel-server.js";
+import { handleUndeliverable } from "./undeliverable.js";
 
 export type EdgeStreamHandler = (stream: MuxStream, tunnel: Tunnel) => void;
 export type EdgeControlHandler = (message: Record<string, unknown>, tunnel: Tunnel) => void;
@@ -98,6 +99,16 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
       });
     });
 
+    // Outbound: relay streams from homes are checked, queued durably, DKIM-signed and delivered.
+    const outbound = await startOutbound({
+      dir,
+      config,
+      tunnels,
+      logger: logger.child({ component: "outbound" }),
+    });
+    cleanups.push(() => outbound.stop());
+    streamHandlers.set("relay", (stream, tunnel) => outbound.handleStream(stream, tunnel.home));
+
     // Backup MX: sessions the live path cannot serve are answered here and spooled, sealed to home.
     const tls = await loadTlsCertificate(dir, config.hostname);
     const spoolStore = await SpoolStore.open(join(dir, "spool"), logger.child({ component: "spool" }));
@@ -112,6 +123,17 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
       retryMaxMs: config.spool.retryMax,
       maxAgeMs: config.spool.maxAge,
       stableAfterMs: config.stableAfter,
+      onUndeliverable: async (entry, reason) => {
+        await handleUndeliverable({
+          entry,
+          reason,
+          store: spoolStore,
+          outbound,
+          hostname: config.hostname,
+          homeName: state.homes().find((home) => home.publicKey === entry.homeKey)?.name ?? "home",
+          logger: logger.child({ component: "drain" }),
+        });
+      },
     });
     cleanups.push(async () => drain.stop());
     const spool = new SpoolServer({
@@ -130,15 +152,6 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
         stream.destroy();
       });
     });
-    // Outbound: relay streams from homes are checked, queued durably, DKIM-signed and delivered.
-    const outbound = await startOutbound({
-      dir,
-      config,
-      tunnels,
-      logger: logger.child({ component: "outbound" }),
-    });
-    cleanups.push(() => outbound.stop());
-    streamHandlers.set("relay", (stream, tunnel) => outbound.handleStream(stream, tunnel.home));
 
     controlHandlers.push((message, tunnel) => {
       if (message.type === "limits" && Number.isSafeInteger(message.messageSizeLimit)) {

@@ -161,7 +161,8 @@ function isParams(value: unknown): value is Record<string, string> {
   return (
     entries.length <= 16 &&
     entries.every(
-      ([k, v]) => /^[A-Z0-9-]{1,20}$/.test(k) && typeof v === "string" && v.length <= 500 && !/[\r\n]/.test(v),
+      ([k, v]) =>
+        /^[A-Z0-9-]{1,20}$/.test(k) && typeof v === "string" && v.length <= 500 && !/[\r\n]/.test(v),
     )
   );
 }
@@ -191,7 +192,11 @@ export function parseRelayMeta(meta: Record<string, unknown>, maxRecipients: num
 export function headerFromAddresses(message: Buffer): string[] {
   const froms = splitMessage(message).headers.filter((h) => h.name === "from");
   if (froms.length !== 1)
-    throw reject(550, "5.6.0", froms.length === 0 ? "the message has no From header" : "more than one From header");
+    throw reject(
+      550,
+      "5.6.0",
+      froms.length === 0 ? "the message has no From header" : "more than one From header",
+    );
   const value = froms[0]!.raw.slice(froms[0]!.raw.indexOf(":") + 1).replace(/\r\n/g, "");
   const addresses = addressparser(value, { flatten: true })
     .map((a) => ("address" in a ? (a.address ?? "") : ""))
@@ -215,7 +220,15 @@ export class OutboundQueue {
   private stopped = false;
   private readonly running = new Set<Promise<void>>();
   private readonly now: () => number;
-  readonly counters = { queued: 0, duplicates: 0, rejected: 0, deferred: 0, delivered: 0, failed: 0, dsns: 0 };
+  readonly counters = {
+    queued: 0,
+    duplicates: 0,
+    rejected: 0,
+    deferred: 0,
+    delivered: 0,
+    failed: 0,
+    dsns: 0,
+  };
   /** Milliseconds spent in DKIM signing, and how many signatures. */
   readonly dkimStats = { ms: 0, count: 0 };
 
@@ -233,7 +246,8 @@ export class OutboundQueue {
     for (const name of names) {
       if (name.startsWith(".") && name.endsWith(".tmp")) await unlink(join(this.dir, name)).catch(() => {});
       // A body without its envelope was never acknowledged: the home still holds the message.
-      if (name.endsWith(".eml") && !metas.has(name.slice(0, -4))) await unlink(join(this.dir, name)).catch(() => {});
+      if (name.endsWith(".eml") && !metas.has(name.slice(0, -4)))
+        await unlink(join(this.dir, name)).catch(() => {});
     }
     for (const id of metas) {
       const path = join(this.dir, `${id}.json`);
@@ -241,7 +255,10 @@ export class OutboundQueue {
         const entry = JSON.parse(await readFile(path, "utf8")) as QueueEntry;
         this.entries.set(entry.id, entry);
       } catch (error) {
-        this.options.logger.error({ file: path, err: (error as Error).message }, "unreadable queue file; left in place");
+        this.options.logger.error(
+          { file: path, err: (error as Error).message },
+          "unreadable queue file; left in place",
+        );
       }
     }
     const cutoff = this.now() - DEDUP_WINDOW_MS;
@@ -261,7 +278,10 @@ export class OutboundQueue {
       const key = dedupKey(entry.home, entry.relayId);
       if (!this.seen.has(key)) await this.remember(key, entry.createdAt);
     }
-    this.options.logger.info({ entries: this.entries.size, relayIds: this.seen.size }, "outbound queue loaded");
+    this.options.logger.info(
+      { entries: this.entries.size, relayIds: this.seen.size },
+      "outbound queue loaded",
+    );
     this.kick();
   }
 
@@ -342,7 +362,12 @@ export class OutboundQueue {
           return;
         }
         log.error({ err: (error as Error).message }, "relay failed");
-        answer({ status: "deferred", code: 451, enhanced: "4.3.0", message: "the edge could not queue the message" });
+        answer({
+          status: "deferred",
+          code: 451,
+          enhanced: "4.3.0",
+          message: "the edge could not queue the message",
+        });
       });
   }
 
@@ -369,7 +394,12 @@ export class OutboundQueue {
       return { status: "queued", id: meta.id, duplicate: true };
     }
     if (!this.bucket(home.publicKey).take()) {
-      throw new RelayRefusal("deferred", 451, "4.7.1", `rate limit: more than ${settings.messagesPerHour} messages an hour`);
+      throw new RelayRefusal(
+        "deferred",
+        451,
+        "4.7.1",
+        `rate limit: more than ${settings.messagesPerHour} messages an hour`,
+      );
     }
     this.inFlight.add(key);
     try {
@@ -410,6 +440,45 @@ export class OutboundQueue {
     } finally {
       this.inFlight.delete(key);
     }
+  }
+
+  /**
+   * Queues mail the edge writes itself for delivery out, such as a DSN for spooled mail that the
+   * home's Postfix refused; committed with the same fsync discipline as relayed mail.
+   */
+  async enqueueLocal(
+    envelope: { mailFrom: string; rcptTo: string[] },
+    message: Buffer,
+    home: { publicKey: string; name: string },
+  ): Promise<string> {
+    const now = this.now();
+    const entry: QueueEntry = {
+      version: 1,
+      id: randomBytes(8).toString("hex"),
+      kind: "relay",
+      home: home.publicKey,
+      homeName: home.name,
+      mailFrom: envelope.mailFrom,
+      params: {},
+      recipients: envelope.rcptTo.map((address) => ({
+        address,
+        params: {},
+        domain: domainOf(address),
+        state: "pending",
+        tries: 0,
+        nextAttemptAt: now,
+      })),
+      size: message.length,
+      sha256: createHash("sha256").update(message).digest("hex"),
+      createdAt: now,
+      expiresAt: now + this.options.settings.maxAge,
+      tries: 0,
+    };
+    await this.commit(entry, message);
+    this.counters.queued++;
+    this.options.logger.info({ id: entry.id, rcpt: entry.recipients.length, size: entry.size }, "queued locally written mail");
+    this.kick();
+    return entry.id;
   }
 
   private bucket(home: string): TokenBucket {
@@ -477,11 +546,17 @@ export class OutboundQueue {
         continue;
       }
       // One domain per entry at a time keeps the entry's file writes in order.
-      const domain = due.map((r) => r.domain).find(
-        (d) => (this.activePerDomain.get(d) ?? 0) < settings.concurrencyPerDomain,
-      );
+      const domain = due
+        .map((r) => r.domain)
+        .find((d) => (this.activePerDomain.get(d) ?? 0) < settings.concurrencyPerDomain);
       if (domain === undefined) continue;
-      this.track(this.runDomain(entry, domain, due.filter((r) => r.domain === domain)));
+      this.track(
+        this.runDomain(
+          entry,
+          domain,
+          due.filter((r) => r.domain === domain),
+        ),
+      );
     }
     clearTimeout(this.timer);
     if (Number.isFinite(wake)) {
@@ -549,7 +624,15 @@ export class OutboundQueue {
           r.nextAttemptAt = now + this.retryDelay(r.tries);
         }
         if (r.state !== "pending" || result.outcome !== "delivered")
-          log.info({ rcpt: r.address, outcome: r.state === "pending" ? "deferred" : r.state, code: result.code, reply: result.message }, "delivery attempt");
+          log.info(
+            {
+              rcpt: r.address,
+              outcome: r.state === "pending" ? "deferred" : r.state,
+              code: result.code,
+              reply: result.message,
+            },
+            "delivery attempt",
+          );
       }
       const failedNow = results.find((x) => x.outcome !== "delivered");
       if (failedNow) entry.lastError = failedNow.message;
@@ -651,10 +734,16 @@ export class OutboundQueue {
           dsn,
         );
         this.counters.dsns++;
-        this.options.logger.info({ id: entry.id, dsn: dsnId, failed: failed.length }, "DSN queued for the sender");
+        this.options.logger.info(
+          { id: entry.id, dsn: dsnId, failed: failed.length },
+          "DSN queued for the sender",
+        );
       }
     } else if (failed.length > 0) {
-      this.options.logger.warn({ id: entry.id, failed: failed.length }, "undeliverable bounce dropped (no DSN for <>)");
+      this.options.logger.warn(
+        { id: entry.id, failed: failed.length },
+        "undeliverable bounce dropped (no DSN for <>)",
+      );
     }
     await this.remove(entry);
     this.options.logger.info(
@@ -835,7 +924,8 @@ export async function startOutbound(options: {
   const { dir, config, tunnels, logger } = options;
   const dkimKeys = await loadDkimKeys(dir);
   for (const domain of config.domains) {
-    if (!dkimKeys.has(domain)) logger.warn({ domain }, "no DKIM key for this domain (run init again or add one)");
+    if (!dkimKeys.has(domain))
+      logger.warn({ domain }, "no DKIM key for this domain (run init again or add one)");
   }
   const deliverer = new Deliverer({
     hostname: config.hostname,

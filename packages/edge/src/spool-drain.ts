@@ -27,6 +27,11 @@ export interface SpoolDrainOptions {
   resultTimeoutMs?: number;
   /** A tunnel must have been up this long before it drains (the same stability rule as live). */
   stableAfterMs: number;
+  /**
+   * A message home's Postfix refused for good (5xx), or one that expired: the owner sends a DSN
+   * when the sender was authenticated at spool time, and quarantines it otherwise.
+   */
+  onUndeliverable: (entry: SpoolEntry, reason: string) => Promise<void>;
 }
 
 export interface SpoolResult {
@@ -73,8 +78,12 @@ export class SpoolDrain {
       if (this.inFlight.has(entry.id) || entry.nextAttemptAt > now) continue;
       if (now - entry.receivedAt > maxAgeMs) {
         this.inFlight.add(entry.id);
-        void store
-          .quarantine(entry.id, `expired after ${Math.round(maxAgeMs / 3600_000)} h without delivery`)
+        const reason = `could not be delivered to the home mail server for ${Math.round(maxAgeMs / 3600_000)} hours`;
+        void this.options
+          .onUndeliverable(entry, reason)
+          .catch((error: Error) =>
+            this.options.logger.error({ id: entry.id, err: error.message }, "undeliverable handling failed"),
+          )
           .finally(() => this.inFlight.delete(entry.id));
         continue;
       }
@@ -137,14 +146,15 @@ export class SpoolDrain {
         return;
       }
       case "rejected":
+        this.counters.rejected++;
+        await this.options.onUndeliverable(
+          entry,
+          `${result.code ?? 550} ${result.message ?? "rejected by the home mail server"}`.trim(),
+        );
+        return;
       case "corrupt":
         this.counters.rejected++;
-        // A backup MX must not backscatter forged senders: without proof the sender is genuine the
-        // message is quarantined (the operator sees it in `queue` and the logs), never bounced blind.
-        await store.quarantine(
-          entry.id,
-          `${result.status} by home: ${result.code ?? ""} ${result.message ?? ""}`.trim(),
-        );
+        await store.quarantine(entry.id, `home could not open it: ${result.message ?? "corrupt"}`);
         return;
     }
   }

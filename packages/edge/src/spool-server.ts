@@ -16,6 +16,7 @@ import {
 } from "@mxtunnel/shared";
 import { SMTPServer, type SMTPServerDataStream, type SMTPServerSession } from "smtp-server";
 import type { RecipientStore } from "./recipients.js";
+import { type DnsResolve, resolverFor, SenderAuthCheck } from "./sender-auth.js";
 import type { SpoolStore } from "./spool-store.js";
 import type { EdgeState, HomeRecord } from "./state.js";
 
@@ -46,10 +47,12 @@ export class SpoolServer {
   private readonly perIp: KeyedRateLimiter;
   private readonly sessions = new WeakMap<SMTPServerSession, SessionState>();
   private readonly sizes = new Map<string, number>();
+  private readonly resolve: DnsResolve;
   readonly counters = { sessions: 0, spooled: 0, refusedRcpt: 0, smuggling: 0, writeErrors: 0 };
 
   constructor(private readonly options: SpoolServerOptions) {
     const { config } = options;
+    this.resolve = resolverFor(config.dnsServers);
     this.perIp = new KeyedRateLimiter(
       config.spool.messagesPerIpPerMinute / 60,
       config.spool.messagesPerIpPerMinute,
@@ -175,6 +178,14 @@ export class SpoolServer {
       extra: { homeKey: home.publicKey },
     });
     const guard = new SmugglingGuard();
+    const auth = new SenderAuthCheck({
+      ip: session.remoteAddress,
+      helo: session.hostNameAppearsAs ?? "",
+      sender: mailFrom ? mailFrom.address : "",
+      mta: this.options.config.hostname,
+      resolve: this.resolve,
+      timeoutMs: 15_000,
+    });
     let writer: SpoolFileWriter | undefined;
     try {
       writer = await SpoolFileWriter.create(store.dir, sealer, {
@@ -183,8 +194,12 @@ export class SpoolServer {
       });
       const sink = writer;
       await pipeline(stream, guard, async (source: AsyncIterable<Buffer>) => {
-        for await (const chunk of source) await sink.write(chunk);
+        for await (const chunk of source) {
+          auth.write(chunk);
+          await sink.write(chunk);
+        }
       });
+      auth.end();
       if (stream.sizeExceeded) throw reply(552, "5.3.4 Message size exceeds the fixed limit");
       if (guard.violation) {
         this.counters.smuggling++;
@@ -196,6 +211,9 @@ export class SpoolServer {
       }
       const committed = await writer.commit();
       await store.add(committed.path);
+      // Not awaited: DNS must not hold the 250. Until the verdict is stored the message counts
+      // as unauthenticated (quarantine, never a DSN), which is the safe side.
+      void auth.result.then((verdict) => (verdict ? store.setAuth(id, verdict) : undefined)).catch(() => {});
       this.counters.spooled++;
       logger.info(
         {
@@ -209,6 +227,7 @@ export class SpoolServer {
       this.options.onSpooled();
       return id;
     } catch (error) {
+      auth.end();
       await writer?.abort().catch(() => {});
       // Drain what the client still sends, so the reply comes after its final dot.
       stream.resume();

@@ -12,6 +12,7 @@ import {
   verifySpoolFile,
   writeFileAtomic,
 } from "@mxtunnel/shared";
+import type { SenderAuth } from "./sender-auth.js";
 
 export interface SpoolEntry {
   id: string;
@@ -23,12 +24,15 @@ export interface SpoolEntry {
   tries: number;
   nextAttemptAt: number;
   lastError: string | null;
+  auth: SenderAuth | null;
 }
 
 interface AttemptState {
   tries: number;
   nextAttemptAt: number;
   lastError: string | null;
+  /** The sender check made at spool time (absent: unknown, treated as failed). */
+  auth?: SenderAuth;
 }
 
 export class SpoolStore {
@@ -82,6 +86,7 @@ export class SpoolStore {
       tries: attempt?.tries ?? 0,
       nextAttemptAt: attempt?.nextAttemptAt ?? 0,
       lastError: attempt?.lastError ?? null,
+      auth: attempt?.auth ?? null,
     };
     this.entries.set(entry.id, entry);
     return entry;
@@ -120,7 +125,12 @@ export class SpoolStore {
     entry.tries++;
     entry.lastError = error;
     entry.nextAttemptAt = now + delayMs;
-    this.attempts[id] = { tries: entry.tries, nextAttemptAt: entry.nextAttemptAt, lastError: error };
+    this.attempts[id] = {
+      ...this.attempts[id],
+      tries: entry.tries,
+      nextAttemptAt: entry.nextAttemptAt,
+      lastError: error,
+    };
     await this.saveAttempts();
   }
 
@@ -129,6 +139,24 @@ export class SpoolStore {
     if (!entry) return;
     this.entries.delete(id);
     await this.quarantineFile(entry.path, id, reason);
+    if (this.attempts[id]) {
+      delete this.attempts[id];
+      await this.saveAttempts();
+    }
+  }
+
+  async setAuth(id: string, auth: SenderAuth): Promise<void> {
+    const entry = this.entries.get(id);
+    if (!entry) return;
+    entry.auth = auth;
+    this.attempts[id] = {
+      tries: entry.tries,
+      nextAttemptAt: entry.nextAttemptAt,
+      lastError: entry.lastError,
+      ...this.attempts[id],
+      auth,
+    };
+    await this.saveAttempts();
   }
 
   /** Makes every entry due now (queue flush). */

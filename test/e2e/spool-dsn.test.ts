@@ -1,0 +1,110 @@
+// Issue 4: spooled mail that home's Postfix refuses for good gets a DSN only when the sender was
+// authenticated at spool time (here: SPF pass); a forged sender's message is quarantined.
+import { execFile } from "node:child_process";
+import { readdir, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type Mailbox, startMailbox } from "../../demo/src/mailbox.js";
+import { cleanupAgents, makeEdge, makeHome, startTestHome, tempDir } from "../helpers/agents.js";
+import { startTestDns, type TestDnsServer } from "../helpers/test-dns.js";
+import { type PostfixLab, startPostfix } from "./lab/postfix.js";
+import { requireTools } from "./lab/require-tools.js";
+import { waitFor } from "./lab/wait.js";
+
+const exec = promisify(execFile);
+const ready = requireTools(["postfix", "postconf", "swaks"], "spool DSN suite");
+
+describe.skipIf(!ready)(
+  "undeliverable spooled mail: DSN for authenticated senders, quarantine for forged ones",
+  () => {
+    let postfix: PostfixLab;
+    let dns: TestDnsServer;
+    let remote: Mailbox;
+
+    beforeAll(async () => {
+      postfix = await startPostfix();
+      dns = await startTestDns({
+        "sender.test": { txt: ["v=spf1 ip4:127.0.0.2 -all"] },
+        "forged.test": { txt: ["v=spf1 ip4:192.0.2.1 -all"] },
+      });
+      remote = await startMailbox({ proxy: false });
+    }, 120_000);
+
+    afterAll(async () => {
+      await cleanupAgents();
+      await remote?.close();
+      await dns?.stop();
+      await postfix?.stop();
+    });
+
+    it("bounces to an SPF-authenticated sender and quarantines a forged one", async () => {
+      const recipients = join(await tempDir("rcpt"), "list");
+      // ghost@ is in the synced list but not a Postfix user: Postfix will refuse it with 550 5.1.1.
+      await writeFile(recipients, `alice@${postfix.domain}\nghost@${postfix.domain}\n`);
+      const edge = await makeEdge({
+        overrides: {
+          dnsServers: [dns.address],
+          transports: {
+            "sender.test": `127.0.0.1:${remote.port}`,
+            "forged.test": `127.0.0.1:${remote.port}`,
+          },
+          "spool.retryMin": 100,
+        },
+      });
+      const overrides = {
+        "postfix.inject": `127.0.0.1:${postfix.injectPort}`,
+        "recipients.file": recipients,
+      };
+      const home = await makeHome(await edge.token(), overrides, "dsn-home");
+      await waitFor(() => edge.agent.status().homes[0]?.recipients ?? false, { what: "recipient sync" });
+      await home.stop();
+      await waitFor(() => !edge.agent.status().homes[0]!.connected, { what: "home gone" });
+
+      for (const from of ["someone@sender.test", "liar@forged.test"]) {
+        const { stdout } = await exec("swaks", [
+          "--server",
+          "127.0.0.1",
+          "--port",
+          String(edge.smtpPort),
+          "--local-interface",
+          "127.0.0.2",
+          "--ehlo",
+          "client.example",
+          "--from",
+          from,
+          "--to",
+          `ghost@${postfix.domain}`,
+          "--header",
+          `Subject: to a ghost from ${from}`,
+        ]);
+        expect(stdout).toMatch(/<- +250 .*backup MX/);
+      }
+      const entries = await waitFor(
+        () => {
+          const list = edge.agent.spool.store.list();
+          return list.length === 2 && list.every((e) => e.auth) ? list : undefined;
+        },
+        { what: "sender checks stored" },
+      );
+      const bySender = new Map(entries.map((e) => [e.header.envelope.mailFrom, e]));
+      expect(bySender.get("someone@sender.test")?.auth).toMatchObject({ spf: "pass", dsnAllowed: true });
+      expect(bySender.get("liar@forged.test")?.auth).toMatchObject({ spf: "fail", dsnAllowed: false });
+      const forgedId = bySender.get("liar@forged.test")!.id;
+
+      await startTestHome(home.dir, overrides);
+      const dsn = await waitFor(() => remote.messages.find((m) => m.to.includes("someone@sender.test")), {
+        what: "the DSN at the sender's server",
+        timeoutMs: 30_000,
+      });
+      expect(dsn.from).toBe("");
+      const text = dsn.data.toString("utf8");
+      expect(text).toMatch(/Content-Type: multipart\/report; report-type=delivery-status/i);
+      expect(text).toMatch(/Final-Recipient: rfc822; ?ghost@home\.test/i);
+      expect(text).toMatch(/Status: 5\.1\.1/);
+      await waitFor(() => edge.agent.spool.store.size === 0, { what: "spool empty" });
+      expect(await readdir(join(edge.dir, "spool", "quarantine"))).toContain(`${forgedId}.spool`);
+      expect(remote.messages.filter((m) => m.to.includes("liar@forged.test"))).toHaveLength(0);
+    });
+  },
+);
