@@ -7,6 +7,7 @@ import { readdir, readFile, writeFile } from "node:fs/promises";
 import net from "node:net";
 import { join } from "node:path";
 import tls from "node:tls";
+import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import {
@@ -23,6 +24,7 @@ import { requireTools } from "./lab/require-tools.js";
 import { waitFor } from "./lab/wait.js";
 
 const exec = promisify(execFile);
+const root = fileURLToPath(new URL("../..", import.meta.url));
 const ready = requireTools(["postfix", "postconf", "swaks"], "spool e2e suite");
 
 async function swaks(args: string[]): Promise<{ code: number; output: string }> {
@@ -39,7 +41,13 @@ async function swaks(args: string[]): Promise<{ code: number; output: string }> 
 async function allFiles(dir: string): Promise<Buffer[]> {
   const out: Buffer[] = [];
   for (const entry of await readdir(dir, { withFileTypes: true, recursive: true })) {
-    if (entry.isFile()) out.push(await readFile(join(entry.parentPath, entry.name)));
+    if (!entry.isFile()) continue;
+    // A temporary file may be renamed between readdir and readFile (atomic writes in progress).
+    const bytes = await readFile(join(entry.parentPath, entry.name)).catch((error: NodeJS.ErrnoException) => {
+      if (error.code === "ENOENT") return undefined;
+      throw error;
+    });
+    if (bytes) out.push(bytes);
   }
   return out;
 }
@@ -310,6 +318,40 @@ describe.skipIf(!ready)("backup MX: spooling while home is away", () => {
     expect(result.output).toMatch(/<\*\* +451 4\.3\.0/);
     expect(full.agent.spool.store.size).toBe(0);
     expect(await readdir(join(full.dir, "spool", "tmp"))).toEqual([]);
+  });
+
+  it("lists the spool with `queue` (never content), and flushes and deletes by id", async () => {
+    const tag = `queue-${randomBytes(6).toString("hex")}`;
+    const sent = await swaks([
+      "--server",
+      "127.0.0.1",
+      "--port",
+      String(edge.smtpPort),
+      "--to",
+      `bob@${postfix.domain}`,
+      "--header",
+      `Subject: ${tag}`,
+    ]);
+    expect(sent.code, sent.output).toBe(0);
+    const cli = (args: string[]) =>
+      exec(process.execPath, [join(root, "packages/edge/dist/cli.js"), ...args, "--dir", edge.dir]);
+    const listed = JSON.parse((await cli(["queue", "--json"])).stdout) as {
+      spool: { id: string; recipients: number; tries: number }[];
+    };
+    expect(listed.spool).toHaveLength(1);
+    expect(listed.spool[0]).toMatchObject({ recipients: 1, tries: 0 });
+    const human = (await cli(["queue"])).stdout;
+    expect(human).toContain(listed.spool[0]!.id);
+    expect(human).not.toContain(tag);
+    expect(human).not.toContain("bob@");
+    expect((await cli(["queue", "flush"])).stdout).toMatch(/flushed/);
+    const missing = await cli(["queue", "delete", "no-such-id"]).catch(
+      (error: { code: number; stderr: string }) => error,
+    );
+    expect(missing).toMatchObject({ code: 1 });
+    expect((missing as { stderr: string }).stderr).toMatch(/no queued message has id no-such-id/);
+    expect((await cli(["queue", "delete", listed.spool[0]!.id])).stdout).toMatch(/deleted/);
+    expect(edge.agent.spool.store.size).toBe(0);
   });
 
   it("quarantines a spool file with a flipped byte at start and never delivers it", async () => {

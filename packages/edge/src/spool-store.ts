@@ -172,8 +172,15 @@ export class SpoolStore {
     await fsyncDirectory(this.dir);
   }
 
+  private saving: Promise<void> = Promise.resolve();
+
+  /** Writes are chained: each writes the whole current map, so the last one wins with all changes. */
   private saveAttempts(): Promise<void> {
-    return writeFileAtomic(this.statePath, JSON.stringify(this.attempts), { mode: 0o600 });
+    const next = this.saving
+      .catch(() => {})
+      .then(() => writeFileAtomic(this.statePath, JSON.stringify(this.attempts), { mode: 0o600 }));
+    this.saving = next;
+    return next;
   }
 }
 
