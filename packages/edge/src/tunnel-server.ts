@@ -75,6 +75,8 @@ export class TunnelServer extends EventEmitter<TunnelServerEvents> {
     maxPayload: WS_MAX_PAYLOAD,
     perMessageDeflate: false,
     handleProtocols: () => SUBPROTOCOL,
+    // `sockets` below tracks them; ws's own set would be a second add/delete per connection.
+    clientTracking: false,
   });
   private readonly perIp: KeyedRateLimiter;
   private readonly global: TokenBucket;
@@ -82,6 +84,8 @@ export class TunnelServer extends EventEmitter<TunnelServerEvents> {
   private readonly tunnels = new Map<string, Tunnel>();
   private readonly sockets = new Set<WebSocket>();
   readonly counters = { handshakesRefused: 0, handshakesFailed: 0, rateLimited: 0, tunnelsOpened: 0 };
+  private lastRefusalLoggedAt = 0;
+  private refusalsNotLogged = 0;
 
   constructor(private readonly options: TunnelServerOptions) {
     super();
@@ -191,7 +195,7 @@ export class TunnelServer extends EventEmitter<TunnelServerEvents> {
 
   private async acceptTunnel(transport: WebSocketTransport, ip: string): Promise<void> {
     const release = this.guard(transport);
-    const { state, logger } = this.options;
+    const { state } = this.options;
     try {
       await respondHandshake(
         transport,
@@ -220,7 +224,7 @@ export class TunnelServer extends EventEmitter<TunnelServerEvents> {
       const failure = asHandshakeError(error);
       this.counters.handshakesFailed++;
       const code = failure.code === "UNKNOWN_PEER" ? CloseCode.UNKNOWN_PEER : CloseCode.HANDSHAKE_FAILED;
-      logger.warn({ ip, code: failure.code }, `tunnel handshake refused: ${failure.message}`);
+      this.logRefusal({ ip, code: failure.code }, `tunnel handshake refused: ${failure.message}`);
       transport.close(
         code,
         failure.code === "UNKNOWN_PEER" ? "unknown home key: pair it first" : "handshake failed",
@@ -238,44 +242,39 @@ export class TunnelServer extends EventEmitter<TunnelServerEvents> {
   ): void {
     const home = this.options.state.findHome(remoteStatic);
     if (!home) return;
-    const mux = new Mux(channel, { role: "edge", ...this.options.mux });
-    const tunnel: Tunnel = {
-      home,
-      mux,
-      connectedAt: Date.now(),
-      remoteAddress: ip,
-      peerVersion: typeof payload.version === "string" ? payload.version : "unknown",
-    };
+    const peerVersion = typeof payload.version === "string" ? payload.version : "unknown";
     // Message 1 can be replayed by anyone who saw it; only a transport message proves the peer
-    // holds the keys. This listener runs before the Mux's own, so the tunnel is live before its
+    // holds the keys. So the tunnel (its Mux, timers and WINDOW grant) is built only then: a
+    // replayed or abandoned handshake costs the edge no more than the handshake itself. The Mux
+    // attaches its listener here and is handed this first message; the tunnel is live before the
     // first frame is handled.
-    let authenticated = false;
-    channel.once("message", () => {
-      authenticated = true;
+    channel.once("message", (first) => {
       release();
+      const mux = new Mux(channel, { role: "edge", ...this.options.mux });
+      const tunnel: Tunnel = { home, mux, connectedAt: Date.now(), remoteAddress: ip, peerVersion };
       const older = this.tunnels.get(home.publicKey);
       this.tunnels.set(home.publicKey, tunnel);
       this.counters.tunnelsOpened++;
       if (older) older.mux.close(CloseCode.REPLACED, "replaced by a newer tunnel from the same home");
       this.options.logger.info(
-        { home: home.name, fingerprint: home.fingerprint, ip, peerVersion: tunnel.peerVersion },
+        { home: home.name, fingerprint: home.fingerprint, ip, peerVersion },
         "tunnel up",
       );
+      mux.once("close", (error?: Error) => {
+        const reason = error?.message ?? "closed";
+        if (this.tunnels.get(home.publicKey) === tunnel) this.tunnels.delete(home.publicKey);
+        this.options.logger.info({ home: home.name, reason }, "tunnel down");
+        this.emit("down", tunnel, reason);
+      });
       this.emit("up", tunnel);
-    });
-    mux.once("close", (error?: Error) => {
-      if (!authenticated) return;
-      const reason = error?.message ?? "closed";
-      if (this.tunnels.get(home.publicKey) === tunnel) this.tunnels.delete(home.publicKey);
-      this.options.logger.info({ home: home.name, reason }, "tunnel down");
-      this.emit("down", tunnel, reason);
+      if (!mux.closed) channel.emit("message", first);
     });
     void transport;
   }
 
   private async acceptPairing(transport: WebSocketTransport, ip: string): Promise<void> {
     const release = this.guard(transport);
-    const { state, logger } = this.options;
+    const { state } = this.options;
     let tokenIdText = "";
     try {
       const channel = await respondHandshake(
@@ -306,9 +305,25 @@ export class TunnelServer extends EventEmitter<TunnelServerEvents> {
       release();
       const failure = asHandshakeError(error);
       this.counters.handshakesFailed++;
-      logger.warn({ ip, code: failure.code }, `pairing refused: ${failure.message}`);
+      this.logRefusal({ ip, code: failure.code }, `pairing refused: ${failure.message}`);
       transport.close(CloseCode.TOKEN_REFUSED, `${failure.code}: ${failure.message}`.slice(0, 120));
     }
+  }
+
+  /**
+   * At most one refused handshake per second reaches the log, with a count of those left out: a flood
+   * of bad handshakes must not become a flood of log lines (counters has them all).
+   */
+  private logRefusal(fields: Record<string, unknown>, message: string): void {
+    const now = Date.now();
+    if (now - this.lastRefusalLoggedAt < 1000) {
+      this.refusalsNotLogged++;
+      return;
+    }
+    const notLogged = this.refusalsNotLogged;
+    this.lastRefusalLoggedAt = now;
+    this.refusalsNotLogged = 0;
+    this.options.logger.warn(notLogged > 0 ? { ...fields, notLogged } : fields, message);
   }
 
   private async enrol(

@@ -10,8 +10,8 @@ import {
   createPrivateKey,
   createPublicKey,
   diffieHellman,
-  generateKeyPairSync,
   type KeyObject,
+  randomFillSync,
   timingSafeEqual,
 } from "node:crypto";
 import { CryptoError, HandshakeError } from "./errors.js";
@@ -66,15 +66,65 @@ function asBuffer(bytes: Uint8Array): Buffer {
   return Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
 
+/** A copy in its own memory (not Node's shared buffer pool), so that wiping it wipes the only copy. */
+function copyKey(key: Uint8Array): Buffer {
+  const copy = Buffer.alloc(key.byteLength);
+  copy.set(key);
+  return copy;
+}
+
 function requireKeyLength(bytes: Uint8Array, what: string): void {
   if (bytes.byteLength !== DH_LENGTH) {
     throw new RangeError(`${what} must be ${DH_LENGTH} bytes, got ${bytes.byteLength}`);
   }
 }
 
-// Importing a raw private key goes through OpenSSL's PKCS#8 decoder (hundreds of µs), so each static key
-// is imported once. The cache is keyed by the caller's array and re-checks the bytes, so a key that was
-// overwritten in place is re-imported rather than served stale.
+// No generateKeyPairSync here: in Node 20 exporting a freshly generated key can deadlock, because the
+// key-generation job's destructor takes the key's mutex when the GC collects it, and export() holds that
+// mutex while allocating (which can run the GC). Keys are drawn as random bytes and imported instead.
+//
+// Two import paths. PKCS#8 DER goes through OpenSSL's decoder registry (~350 µs), acceptable once per
+// static key, and is what the cache below holds. A JWK import is ~10x faster and serves per-handshake
+// ephemeral keys; Node ignores `x` on a private JWK (the public half is derived from `d`) but insists
+// it be present, so a placeholder goes there, and should a Node version start checking it, we fall
+// back to DER for good.
+const JWK_PLACEHOLDER_X = Buffer.alloc(DH_LENGTH).toString("base64url");
+let jwkPrivateImport = true;
+
+function importPrivateKeyDer(privateKey: Uint8Array): KeyObject {
+  const der = Buffer.alloc(PKCS8_X25519_PREFIX.length + DH_LENGTH);
+  PKCS8_X25519_PREFIX.copy(der, 0);
+  der.set(privateKey, PKCS8_X25519_PREFIX.length);
+  try {
+    return createPrivateKey({ key: der, format: "der", type: "pkcs8" });
+  } finally {
+    der.fill(0);
+  }
+}
+
+function importPrivateKeyFast(privateKey: Buffer): KeyObject {
+  if (jwkPrivateImport) {
+    try {
+      return createPrivateKey({
+        key: { kty: "OKP", crv: "X25519", d: privateKey.toString("base64url"), x: JWK_PLACEHOLDER_X },
+        format: "jwk",
+      });
+    } catch {
+      jwkPrivateImport = false;
+    }
+  }
+  return importPrivateKeyDer(privateKey);
+}
+
+/** A fresh ephemeral (or long-term) key: its key object and raw public key. */
+function freshKey(): { privateKey: Buffer; key: KeyObject; publicKey: Buffer } {
+  const privateKey = randomFillSync(Buffer.alloc(DH_LENGTH));
+  const key = importPrivateKeyFast(privateKey);
+  return { privateKey, key, publicKey: rawPublicKey(createPublicKey(key)) };
+}
+
+// Static keys are imported once: the cache is keyed by the caller's array and re-checks the bytes, so a
+// key overwritten in place is re-imported rather than served stale.
 interface CachedKey {
   bytes: Buffer;
   key: KeyObject;
@@ -86,14 +136,8 @@ function privateKeyObject(privateKey: Uint8Array): KeyObject {
   requireKeyLength(privateKey, "an X25519 private key");
   const cached = privateKeyCache.get(privateKey);
   if (cached && timingSafeEqual(cached.bytes, privateKey)) return cached.key;
-  const der = Buffer.alloc(PKCS8_X25519_PREFIX.length + DH_LENGTH);
-  PKCS8_X25519_PREFIX.copy(der, 0);
-  der.set(privateKey, PKCS8_X25519_PREFIX.length);
-  const key = createPrivateKey({ key: der, format: "der", type: "pkcs8" });
-  der.fill(0);
-  const bytes = Buffer.alloc(DH_LENGTH);
-  bytes.set(privateKey);
-  privateKeyCache.set(privateKey, { bytes, key });
+  const key = importPrivateKeyDer(privateKey);
+  privateKeyCache.set(privateKey, { bytes: copyKey(privateKey), key });
   return key;
 }
 
@@ -139,10 +183,10 @@ function dh(privateKey: KeyObject, publicKey: KeyObject): Buffer {
 }
 
 export function generateKeyPair(): KeyPair {
-  const { publicKey, privateKey } = generateKeyPairSync("x25519");
-  const { d } = privateKey.export({ format: "jwk" });
-  if (d === undefined) throw new Error("node:crypto exported an X25519 private key without its bytes");
-  return { publicKey: rawPublicKey(publicKey), privateKey: Buffer.from(d, "base64url") };
+  const { publicKey, privateKey, key } = freshKey();
+  // Most new pairs become static keys: spare their first handshake the slow DER import.
+  privateKeyCache.set(privateKey, { bytes: copyKey(privateKey), key });
+  return { publicKey, privateKey };
 }
 
 /** The key pair for a stored private key (the public half is derived, not trusted from storage). */
@@ -168,8 +212,7 @@ export class CipherState {
   constructor(key: Uint8Array, nonce = 0n) {
     requireKeyLength(key, "a cipher key");
     if (nonce < 0n || nonce > MAX_NONCE) throw new RangeError("a Noise nonce is a 64-bit unsigned integer");
-    this.#key = Buffer.alloc(KEY_LENGTH);
-    this.#key.set(key);
+    this.#key = copyKey(key);
     this.#nonce = nonce;
   }
 
@@ -179,13 +222,33 @@ export class CipherState {
   }
 
   encrypt(plaintext: Uint8Array, ad: Uint8Array = EMPTY): Uint8Array {
+    return this.encryptParts([plaintext], ad);
+  }
+
+  /**
+   * Encrypts the concatenation of `parts` as one message without joining them first: the ciphertext
+   * of each part and then the tag are written into one buffer. node:crypto has no update-into-buffer
+   * and no nonce reset, so a cipher per message and one copy of its output remain.
+   */
+  encryptParts(parts: readonly Uint8Array[], ad: Uint8Array = EMPTY): Buffer {
     const key = this.#prepare();
+    let length = 0;
+    for (const part of parts) length += part.byteLength;
     const cipher = createCipheriv("chacha20-poly1305", key, this.#iv, { authTagLength: TAG_LENGTH });
-    cipher.setAAD(ad, { plaintextLength: plaintext.byteLength });
-    const body = cipher.update(plaintext);
+    // No AAD is the same as empty AAD for ChaCha20-Poly1305 (RFC 8439); transport messages have none.
+    if (ad.byteLength > 0) cipher.setAAD(ad, { plaintextLength: length });
+    const out = Buffer.allocUnsafe(length + TAG_LENGTH);
+    let offset = 0;
+    for (const part of parts) {
+      if (part.byteLength === 0) continue;
+      const body = cipher.update(part);
+      out.set(body, offset);
+      offset += body.byteLength;
+    }
     cipher.final();
+    out.set(cipher.getAuthTag(), offset);
     this.#nonce++;
-    return Buffer.concat([body, cipher.getAuthTag()], body.length + TAG_LENGTH);
+    return out;
   }
 
   /** Throws CryptoError("DECRYPT_FAILED") and leaves the nonce unchanged if the message does not authenticate. */
@@ -197,7 +260,7 @@ export class CipherState {
     const end = ciphertext.byteLength - TAG_LENGTH;
     const decipher = createDecipheriv("chacha20-poly1305", key, this.#iv, { authTagLength: TAG_LENGTH });
     decipher.setAuthTag(ciphertext.subarray(end));
-    decipher.setAAD(ad, { plaintextLength: end });
+    if (ad.byteLength > 0) decipher.setAAD(ad, { plaintextLength: end });
     const body = decipher.update(ciphertext.subarray(0, end));
     try {
       decipher.final();
@@ -390,8 +453,7 @@ export class HandshakeState {
     if (this.pattern !== "IKpsk2") throw failed(`the ${this.pattern} pattern takes no pre-shared key`);
     if (psk.byteLength !== KEY_LENGTH) throw failed(`a pre-shared key must be ${KEY_LENGTH} bytes`);
     this.#psk?.fill(0);
-    this.#psk = Buffer.alloc(KEY_LENGTH);
-    this.#psk.set(psk);
+    this.#psk = copyKey(psk);
   }
 
   get remoteStaticPublicKey(): Uint8Array | undefined {
@@ -504,8 +566,9 @@ export class HandshakeState {
   #writeEphemeral(): LocalKey {
     let ephemeral = this.#ephemeral;
     if (ephemeral === undefined) {
-      const { publicKey, privateKey } = generateKeyPairSync("x25519");
-      ephemeral = { publicKey: rawPublicKey(publicKey), key: privateKey };
+      const fresh = freshKey();
+      fresh.privateKey.fill(0);
+      ephemeral = { publicKey: fresh.publicKey, key: fresh.key };
       this.#ephemeral = ephemeral;
     }
     this.#symmetric.mixHash(ephemeral.publicKey);

@@ -73,14 +73,21 @@ export class SecureChannel extends EventEmitter<TransportEvents> implements Mess
 
   /** Encrypts and sends one message; ignored once the channel is closed, like the transports beneath. */
   send(plaintext: Uint8Array): void {
-    if (plaintext.byteLength > MAX_SECURE_PLAINTEXT) {
+    this.sendParts([plaintext]);
+  }
+
+  /** Encrypts the concatenation of `parts` as one message, straight from the parts (no joined copy). */
+  sendParts(parts: readonly Uint8Array[]): void {
+    let size = 0;
+    for (const part of parts) size += part.byteLength;
+    if (size > MAX_SECURE_PLAINTEXT) {
       throw new ProtocolError(
         "FRAME_TOO_LARGE",
-        `a ${plaintext.byteLength}-byte message exceeds the ${MAX_SECURE_PLAINTEXT}-byte limit of one Noise transport message`,
+        `a ${size}-byte message exceeds the ${MAX_SECURE_PLAINTEXT}-byte limit of one Noise transport message`,
       );
     }
     if (this.closed) return;
-    this.#inner.send(this.#send.encrypt(plaintext));
+    this.#inner.send(this.#send.encryptParts(parts));
     this.#sent++;
     if (this.#send.nonce >= this.#rekeyAfter) this.#shutDown(CLOSE_GOING_AWAY, "rekey");
   }

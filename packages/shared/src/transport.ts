@@ -12,6 +12,11 @@ export interface TransportEvents {
 
 export interface MessageTransport {
   send(message: Uint8Array): void;
+  /**
+   * Sends the concatenation of `parts` as one message. Optional: a layer that transforms messages
+   * (the secure channel encrypts part after part) implements it to skip joining them first.
+   */
+  sendParts?(parts: readonly Uint8Array[]): void;
   /** Bytes handed to send() that the underlying channel has not yet written out. */
   readonly bufferedAmount: number;
   close(code?: number, reason?: string): void;
@@ -69,6 +74,10 @@ export class MemoryTransport extends EventEmitter<TransportEvents> implements Me
       return;
     }
     setImmediate(() => this.deliver(copy));
+  }
+
+  sendParts(parts: readonly Uint8Array[]): void {
+    this.send(Buffer.concat(parts));
   }
 
   /** Stop delivering this side's outgoing messages (simulates a slow link). */

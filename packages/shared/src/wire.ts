@@ -16,7 +16,7 @@ export const MAX_CREDIT = 0x7fffffff;
  * so an opener may write before ACCEPT. Tunnel-level credit starts at zero and is granted by WINDOW on
  * stream 0 as soon as a multiplexer starts.
  */
-export const INITIAL_STREAM_CREDIT = 256 * 1024;
+export const INITIAL_STREAM_CREDIT = 1024 * 1024;
 
 export type StreamKind = "forward" | "spool" | "relay" | "sync";
 
@@ -129,7 +129,7 @@ export function encodeFrame(frame: Frame): Uint8Array {
         throw new ProtocolError("FRAME_MALFORMED", `WINDOW credit must be 1..2^31-1, not ${frame.credit}`);
       }
       const bytes = header(TYPE_ID.window, frame.stream, 4);
-      view(bytes).setUint32(FRAME_HEADER_SIZE, frame.credit);
+      writeU32(bytes, FRAME_HEADER_SIZE, frame.credit);
       return bytes;
     }
     case "result": {
@@ -150,7 +150,8 @@ export function encodeFrame(frame: Frame): Uint8Array {
         );
       }
       const bytes = header(TYPE_ID.reset, frame.stream, 2 + reason.byteLength);
-      view(bytes).setUint16(FRAME_HEADER_SIZE, frame.code);
+      bytes[FRAME_HEADER_SIZE] = frame.code >>> 8;
+      bytes[FRAME_HEADER_SIZE + 1] = frame.code & 0xff;
       bytes.set(reason, FRAME_HEADER_SIZE + 2);
       return bytes;
     }
@@ -178,6 +179,25 @@ export function encodeFrame(frame: Frame): Uint8Array {
   }
 }
 
+/**
+ * The 5-byte header of a DATA frame whose payload the caller sends as a separate part, so a transport
+ * that takes parts (the secure channel encrypts them one after the other) never copies the payload
+ * into a frame first. header ‖ payload is byte for byte `encodeFrame({ type: "data", stream, data })`.
+ */
+export function encodeDataHeader(stream: number, size: number): Uint8Array {
+  checkStreamId("data", stream);
+  if (!Number.isInteger(size) || size < 1) {
+    throw new ProtocolError("FRAME_MALFORMED", "a DATA frame must carry at least one byte");
+  }
+  if (size > MAX_DATA_PAYLOAD) {
+    throw new ProtocolError(
+      "FRAME_TOO_LARGE",
+      `a DATA frame carries at most ${MAX_DATA_PAYLOAD} bytes, not ${size}`,
+    );
+  }
+  return header(TYPE_ID.data, stream, 0);
+}
+
 /** Decodes one frame. Pure; a DATA frame's `data` is a view into `bytes`, not a copy. */
 export function decodeFrame(bytes: Uint8Array): Frame {
   if (bytes.byteLength > MAX_FRAME_SIZE) {
@@ -200,8 +220,7 @@ export function decodeFrame(bytes: Uint8Array): Frame {
       `frame type 0x${typeId.toString(16).padStart(2, "0")} is not known to this version`,
     );
   }
-  const dv = view(bytes);
-  const stream = dv.getUint32(1);
+  const stream = readU32(bytes, 1);
   const bodySize = bytes.byteLength - FRAME_HEADER_SIZE;
   const name = type.toUpperCase();
 
@@ -234,7 +253,7 @@ export function decodeFrame(bytes: Uint8Array): Frame {
       return { type, stream, data: bytes.subarray(FRAME_HEADER_SIZE) };
     case "window": {
       requireBodySize(name, bodySize, 4);
-      const credit = dv.getUint32(FRAME_HEADER_SIZE);
+      const credit = readU32(bytes, FRAME_HEADER_SIZE);
       if (credit < 1 || credit > MAX_CREDIT) {
         throw new ProtocolError("FRAME_MALFORMED", `WINDOW credit must be 1..2^31-1, not ${credit}`);
       }
@@ -254,7 +273,7 @@ export function decodeFrame(bytes: Uint8Array): Frame {
           `a RESET reason is at most ${MAX_RESET_REASON_SIZE} bytes, not ${bodySize - 2}`,
         );
       }
-      const code = dv.getUint16(FRAME_HEADER_SIZE);
+      const code = (bytes[FRAME_HEADER_SIZE]! << 8) | bytes[FRAME_HEADER_SIZE + 1]!;
       const reason = decodeUtf8(bytes.subarray(FRAME_HEADER_SIZE + 2), "RESET reason");
       return { type, stream, code, reason };
     }
@@ -274,8 +293,23 @@ export function decodeFrame(bytes: Uint8Array): Frame {
 function header(typeId: number, stream: number, bodySize: number): Uint8Array {
   const bytes = new Uint8Array(FRAME_HEADER_SIZE + bodySize);
   bytes[0] = typeId;
-  view(bytes).setUint32(1, stream);
+  writeU32(bytes, 1, stream);
   return bytes;
+}
+
+// Big-endian by hand rather than through a DataView per frame: these run for every frame.
+function writeU32(bytes: Uint8Array, offset: number, value: number): void {
+  bytes[offset] = value >>> 24;
+  bytes[offset + 1] = (value >>> 16) & 0xff;
+  bytes[offset + 2] = (value >>> 8) & 0xff;
+  bytes[offset + 3] = value & 0xff;
+}
+
+function readU32(bytes: Uint8Array, offset: number): number {
+  return (
+    ((bytes[offset]! << 24) | (bytes[offset + 1]! << 16) | (bytes[offset + 2]! << 8) | bytes[offset + 3]!) >>>
+    0
+  );
 }
 
 function withBody(typeId: number, stream: number, body: Uint8Array, name: string): Uint8Array {
@@ -288,10 +322,6 @@ function withBody(typeId: number, stream: number, body: Uint8Array, name: string
   const bytes = header(typeId, stream, body.byteLength);
   bytes.set(body, FRAME_HEADER_SIZE);
   return bytes;
-}
-
-function view(bytes: Uint8Array): DataView {
-  return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
 
 function checkStreamId(type: Frame["type"], stream: number): void {

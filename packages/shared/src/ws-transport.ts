@@ -76,6 +76,10 @@ export class WebSocketTransport extends EventEmitter<TransportEvents> implements
     });
   }
 
+  sendParts(parts: readonly Uint8Array[]): void {
+    this.send(Buffer.concat(parts));
+  }
+
   private readonly uncork = (socket: Socket): void => {
     this.corked = false;
     // end() and destroy() already flush or drop what was corked; uncork() is then a no-op.

@@ -400,7 +400,8 @@ describe("flow control", () => {
   });
 
   it("honours an initialWindow above and below the implicit initial credit", async () => {
-    for (const initialWindow of [64 * KiB, 1 * MiB]) {
+    expect(INITIAL_STREAM_CREDIT).toBe(1 * MiB);
+    for (const initialWindow of [64 * KiB, 2 * MiB]) {
       const { home, edge, edgeTransport } = pair({}, { initialWindow });
       let incoming: MuxStream | undefined;
       edge.on("stream", (stream) => {
@@ -703,6 +704,59 @@ describe("stream limits and closed streams", () => {
     await whenAfterMessages(peer.raw, () => peer.received.some((f) => f.type === "pong"));
     expect(peer.mux.closed).toBe(false);
     expect(peer.mux.stats().receiveBuffered).toBe(0);
+  });
+});
+
+describe("batching", () => {
+  it("sends what one turn produces together at the next flush, OPEN and CONTROL ahead of DATA", async () => {
+    const { home, edge, homeTransport } = pair();
+    edge.on("stream", () => {});
+    await once(homeTransport, "message"); // the edge's tunnel credit
+    const frames = tapSends(homeTransport);
+    const first = failOnError(home.open("forward", { n: 1 }));
+    first.write("hello");
+    home.open("forward", { n: 2 });
+    home.sendControl({ type: "note" });
+    expect(frames).toEqual([]);
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(frames.map((frame) => frame.type)).toEqual(["open", "open", "control", "data"]);
+    expect(frames[3]).toMatchObject({ type: "data", stream: first.id });
+  });
+
+  it("hands frames queued just before close() to the transport ahead of the close", () => {
+    const { home, homeTransport } = pair();
+    const events: string[] = [];
+    const send = homeTransport.send.bind(homeTransport);
+    homeTransport.send = (message: Uint8Array) => {
+      events.push(decodeFrame(message).type);
+      send(message);
+    };
+    const close = homeTransport.close.bind(homeTransport);
+    homeTransport.close = (code?: number, reason?: string) => {
+      events.push("close");
+      close(code, reason);
+    };
+    home.open("forward", {});
+    home.sendControl({ type: "bye" });
+    home.close();
+    expect(events).toEqual(["open", "control", "close"]);
+  });
+
+  it("carries full-size DATA as header and payload parts, byte for byte", async () => {
+    const { home, edge, homeTransport } = pair();
+    const parts: number[][] = [];
+    const sendParts = homeTransport.sendParts.bind(homeTransport);
+    homeTransport.sendParts = (chunks: readonly Uint8Array[]) => {
+      parts.push(chunks.map((chunk) => chunk.byteLength));
+      sendParts(chunks);
+    };
+    const incoming = new Promise<MuxStream>((resolve) => edge.once("stream", resolve));
+    const stream = failOnError(home.open("spool", {}));
+    const payload = randomBytes(3 * MAX_DATA_PAYLOAD + 100);
+    stream.end(payload);
+    expect((await collect(await incoming)).equals(payload)).toBe(true);
+    expect(parts).toContainEqual([5, MAX_DATA_PAYLOAD]);
+    expect(parts.every(([header]) => header === 5)).toBe(true);
   });
 });
 

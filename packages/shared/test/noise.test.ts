@@ -218,6 +218,17 @@ describe("CipherState", () => {
     expect(Buffer.from(receiver.decrypt(sender.encrypt(new Uint8Array(0)))).byteLength).toBe(0);
   });
 
+  it("encryptParts equals encrypt of the joined parts", () => {
+    const key = randomBytes(32);
+    const parts = [Buffer.from("header"), new Uint8Array(0), randomBytes(1000)];
+    const ad = Buffer.from("ad");
+    const joined = new CipherState(key).encrypt(Buffer.concat(parts), ad);
+    expect(hex(new CipherState(key).encryptParts(parts, ad))).toBe(hex(joined));
+    expect(hex(new CipherState(key).encryptParts(parts))).toBe(
+      hex(new CipherState(key).encrypt(Buffer.concat(parts))),
+    );
+  });
+
   it("fails a tampered message, wrong associated data or a short one, and keeps its nonce", () => {
     const key = randomBytes(32);
     const sender = new CipherState(key);

@@ -86,6 +86,17 @@ describe("SecureChannel", () => {
     ]);
   });
 
+  it("sendParts carries the joined parts as one message and shares the size limit", async () => {
+    const { home, edge, wireAtEdge } = setup();
+    home.sendParts([Buffer.from("head:"), Buffer.from("body")]);
+    expect(await nextMessage(edge)).toBe("head:body");
+    expect(wireAtEdge).toHaveLength(1);
+    expect(() => home.sendParts([new Uint8Array(MAX_SECURE_PLAINTEXT), new Uint8Array(1)])).toThrow(
+      ProtocolError,
+    );
+    expect(home.messagesSent).toBe(1);
+  });
+
   it("a tampered message closes the channel, wipes both ciphers and delivers nothing more", async () => {
     const { homeInner, edgeInner, homeCiphers, edgeCiphers, edge, atEdge } = setup();
     const other = setup();

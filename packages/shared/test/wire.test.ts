@@ -2,6 +2,7 @@ import { describe, expect, it } from "vitest";
 import { type ErrorCode, ProtocolError } from "../src/errors.js";
 import {
   decodeFrame,
+  encodeDataHeader,
   encodeFrame,
   FRAME_HEADER_SIZE,
   type Frame,
@@ -294,5 +295,22 @@ describe("encodeFrame", () => {
 
   it("round-trips every fixture", () => {
     for (const [, frame] of fixtures) expect(decodeFrame(encodeFrame(frame))).toEqual(frame);
+  });
+});
+
+describe("encodeDataHeader", () => {
+  it("is the DATA frame's first 5 bytes, so header ‖ payload equals encodeFrame", () => {
+    expect(toHex(encodeDataHeader(0x01020304, 3))).toBe("0301020304");
+    expect(toHex(encodeDataHeader(0xffffffff, MAX_DATA_PAYLOAD))).toBe("03ffffffff");
+    const data = new Uint8Array(4000).fill(0x5a);
+    const joined = Buffer.concat([encodeDataHeader(7, data.byteLength), data]);
+    expect(toHex(joined)).toBe(toHex(encodeFrame({ type: "data", stream: 7, data })));
+  });
+
+  it("keeps the codec's limits", () => {
+    expectCode(() => encodeDataHeader(1, 0), "FRAME_MALFORMED");
+    expectCode(() => encodeDataHeader(1, MAX_DATA_PAYLOAD + 1), "FRAME_TOO_LARGE");
+    expectCode(() => encodeDataHeader(0, 1), "FRAME_MALFORMED");
+    expectCode(() => encodeDataHeader(2 ** 32, 1), "FRAME_MALFORMED");
   });
 });
