@@ -116,9 +116,20 @@ describe.skipIf(!ready)("outbound mail: home Postfix → relay listener → edge
   let dns: Awaited<ReturnType<typeof startDnsServer>>;
   let relayPort: number;
 
-  const submit = (options: { from?: string; to: string; subject: string; port?: number; headerFrom?: string }) =>
+  const submit = (options: {
+    from?: string;
+    to: string;
+    subject: string;
+    port?: number;
+    headerFrom?: string;
+  }) =>
     nodemailer
-      .createTransport({ host: "127.0.0.1", port: options.port ?? postfix.smtpPort, secure: false, ignoreTLS: true })
+      .createTransport({
+        host: "127.0.0.1",
+        port: options.port ?? postfix.smtpPort,
+        secure: false,
+        ignoreTLS: true,
+      })
       .sendMail({
         envelope: { from: options.from ?? "alice@home.test", to: [options.to] },
         from: options.headerFrom ?? options.from ?? "alice@home.test",
@@ -163,14 +174,19 @@ describe.skipIf(!ready)("outbound mail: home Postfix → relay listener → edge
     async () => {
       const subject = tag();
       await submit({ to: "someone@remote.test", subject });
-      const [delivery] = await waitFor(() => (rx.withSubject(subject).length ? rx.withSubject(subject) : undefined), {
-        timeoutMs: 20_000,
-        what: "the message at the remote MX",
-      });
+      const [delivery] = await waitFor(
+        () => (rx.withSubject(subject).length ? rx.withSubject(subject) : undefined),
+        {
+          timeoutMs: 20_000,
+          what: "the message at the remote MX",
+        },
+      );
       expect(delivery!.ehlo).toBe("mx.edge.test");
       expect(delivery!.mailFrom).toBe("alice@home.test");
       expect(delivery!.rcptTo).toEqual(["someone@remote.test"]);
-      expect(delivery!.message).toMatch(/^DKIM-Signature: v=1; a=rsa-sha256; c=relaxed\/relaxed; d=home\.test;/);
+      expect(delivery!.message).toMatch(
+        /^DKIM-Signature: v=1; a=rsa-sha256; c=relaxed\/relaxed; d=home\.test;/,
+      );
       const record = (await dkimRecords(edge.dir)).find((r) => r.domain === "home.test")!;
       expect(record.selector).toMatch(/^mxt-[0-9a-f]{8}-\d{6}$/);
       expect(delivery!.message).toContain(`s=${record.selector};`);
@@ -185,7 +201,12 @@ describe.skipIf(!ready)("outbound mail: home Postfix → relay listener → edge
   it("refuses a foreign MAIL FROM and a foreign header From at the relay listener; nothing is sent", async () => {
     const before = rx.attempts.length;
     const queuedBefore = edge.agent.outbound.counters.queued;
-    const foreignSender = await submit({ port: relayPort, from: "mallory@evil.test", to: "x@remote.test", subject: tag() })
+    const foreignSender = await submit({
+      port: relayPort,
+      from: "mallory@evil.test",
+      to: "x@remote.test",
+      subject: tag(),
+    })
       .then(() => "accepted")
       .catch((e: { responseCode?: number; response?: string }) => `${e.responseCode} ${e.response}`);
     expect(foreignSender).toMatch(/^550 .*5\.7\.1 sender <mallory@evil\.test> is not in this home's domains/);
@@ -198,7 +219,9 @@ describe.skipIf(!ready)("outbound mail: home Postfix → relay listener → edge
     })
       .then(() => "accepted")
       .catch((e: { responseCode?: number; response?: string }) => `${e.responseCode} ${e.response}`);
-    expect(foreignHeader).toMatch(/^550 .*5\.7\.1 header From <ceo@bank\.test> is not in this home's domains/);
+    expect(foreignHeader).toMatch(
+      /^550 .*5\.7\.1 header From <ceo@bank\.test> is not in this home's domains/,
+    );
     // A good message right after proves the listener still works, and is the only one sent.
     const subject = tag();
     await submit({ port: relayPort, to: "ok@remote.test", subject });
@@ -233,11 +256,14 @@ describe.skipIf(!ready)("outbound mail: home Postfix → relay listener → edge
       return "accept";
     });
     await submit({ to: "later@remote.test", subject });
-    await waitFor(() => rx.withSubject(subject).length === 1, { timeoutMs: 20_000, what: "delivery after the retries" });
+    await waitFor(() => rx.withSubject(subject).length === 1, {
+      timeoutMs: 20_000,
+      what: "delivery after the retries",
+    });
     expect(refusals).toBe(2);
-    expect(rx.attempts.filter((a) => a.subject === subject).map((a) => (a.plan === "accept" ? 250 : 451))).toEqual([
-      451, 451, 250,
-    ]);
+    expect(
+      rx.attempts.filter((a) => a.subject === subject).map((a) => (a.plan === "accept" ? 250 : 451)),
+    ).toEqual([451, 451, 250]);
     await waitFor(() => edge.agent.outbound.size === 0, { what: "the outbound queue to empty" });
     rx.plan(() => "accept");
   });
@@ -271,7 +297,10 @@ describe.skipIf(!ready)("outbound mail: home Postfix → relay listener → edge
     await postfix.waitForLog(/status=deferred \(host 127\.0\.0\.1\[127\.0\.0\.1\] said: 451 4\.4\.1/, 20_000);
     expect(rx.withSubject(subject)).toHaveLength(0);
     await edge.restart();
-    await waitFor(() => rx.withSubject(subject).length === 1, { timeoutMs: 60_000, what: "delivery after the tunnel came back" });
+    await waitFor(() => rx.withSubject(subject).length === 1, {
+      timeoutMs: 60_000,
+      what: "delivery after the tunnel came back",
+    });
   });
 });
 
@@ -289,7 +318,9 @@ describe.skipIf(!ready)("outbound mail survives kill -9 of the edge after RESULT
   });
 
   const startEdgeChild = async (dir: string, tunnelPort: number) => {
-    const proc = spawn(process.execPath, [EDGE_CLI, "run", "--dir", dir], { stdio: ["ignore", "ignore", "pipe"] });
+    const proc = spawn(process.execPath, [EDGE_CLI, "run", "--dir", dir], {
+      stdio: ["ignore", "ignore", "pipe"],
+    });
     let stderr = "";
     proc.stderr?.on("data", (c: Buffer) => {
       stderr += c.toString();
@@ -332,7 +363,9 @@ describe.skipIf(!ready)("outbound mail survives kill -9 of the edge after RESULT
       .createTransport({ host: "127.0.0.1", port: relayPort, secure: false, ignoreTLS: true })
       .sendMail({ from: "alice@home.test", to: "once@remote.test", subject, text: "survive\n" });
     expect(info.response).toMatch(/^250 2\.0\.0 queued on the edge as [0-9a-f]{32}/);
-    await waitFor(() => rx.attempts.some((a) => a.subject === subject), { what: "the held delivery attempt" });
+    await waitFor(() => rx.attempts.some((a) => a.subject === subject), {
+      what: "the held delivery attempt",
+    });
 
     const pid = child.pid!;
     child.kill("SIGKILL");
@@ -341,7 +374,10 @@ describe.skipIf(!ready)("outbound mail survives kill -9 of the edge after RESULT
 
     rx.plan(() => "accept");
     child = await startEdgeChild(dir, tunnelPort);
-    await waitFor(() => rx.withSubject(subject).length >= 1, { timeoutMs: 20_000, what: "delivery after restart" });
+    await waitFor(() => rx.withSubject(subject).length >= 1, {
+      timeoutMs: 20_000,
+      what: "delivery after restart",
+    });
     await waitFor(async () => (await outboundQueueEntries(dir)).length === 0, { what: "the queue to empty" });
     expect(rx.withSubject(subject)).toHaveLength(1);
     expect(rx.withSubject(subject)[0]!.ehlo).toBe("mx.edge.test");

@@ -110,9 +110,11 @@ export class Deliverer {
       mxs = await this.resolver.resolveMx(domain);
     } catch (error) {
       const code = errorCode(error);
-      if (code === "ENOTFOUND") throw new RouteError("failed", 550, "5.1.2", `domain ${domain} does not exist`);
+      if (code === "ENOTFOUND")
+        throw new RouteError("failed", 550, "5.1.2", `domain ${domain} does not exist`);
       if (code === "ENODATA") mxs = [];
-      else throw new RouteError("deferred", 451, "4.4.3", `MX lookup for ${domain} failed (${code || "error"})`);
+      else
+        throw new RouteError("deferred", 451, "4.4.3", `MX lookup for ${domain} failed (${code || "error"})`);
     }
     if (mxs.some((mx) => mx.exchange === "" || mx.exchange === ".")) {
       // RFC 7505: a null MX says the domain accepts no mail at all.
@@ -231,14 +233,24 @@ export class Deliverer {
       if (e.code === "ETLS" && requireTLS) {
         return {
           kind: "retry-next",
-          results: all("deferred", 451, "4.7.10", `${hop.name} does not offer STARTTLS, required for ${request.domain}`),
+          results: all(
+            "deferred",
+            451,
+            "4.7.10",
+            `${hop.name} does not offer STARTTLS, required for ${request.domain}`,
+          ),
         };
       }
-      if (code >= 500) return { kind: "permanent", results: all("failed", code, enhancedOf(reply, code), oneLine(reply)) };
+      if (code >= 500)
+        return { kind: "permanent", results: all("failed", code, enhancedOf(reply, code), oneLine(reply)) };
       return {
         kind: "retry-next",
-        results: all("deferred", code >= 400 ? code : 451, code >= 400 ? enhancedOf(reply, code) : "4.4.1",
-          `${formatHostPort({ host: address, port: hop.port })}: ${oneLine(reply || e.message)}`),
+        results: all(
+          "deferred",
+          code >= 400 ? code : 451,
+          code >= 400 ? enhancedOf(reply, code) : "4.4.1",
+          `${formatHostPort({ host: address, port: hop.port })}: ${oneLine(reply || e.message)}`,
+        ),
       };
     }
     try {
@@ -251,7 +263,8 @@ export class Deliverer {
       const results: RecipientResult[] = [];
       let first = true;
       for (const group of groups.values()) {
-        if (!first) await new Promise<void>((resolve, reject) => connection.reset((e) => (e ? reject(e) : resolve())));
+        if (!first)
+          await new Promise<void>((resolve, reject) => connection.reset((e) => (e ? reject(e) : resolve())));
         first = false;
         results.push(...(await this.transaction(connection, request, group, remoteMta)));
       }
@@ -286,7 +299,12 @@ export class Deliverer {
       use8BitMime: (request.params.BODY ?? "").toUpperCase() === "8BITMIME",
       ...(Object.keys(dsn).length > 0 ? { dsn } : {}),
     };
-    const result = (r: { address: string }, outcome: Outcome, code: number, reply: string): RecipientResult => ({
+    const result = (
+      r: { address: string },
+      outcome: Outcome,
+      code: number,
+      reply: string,
+    ): RecipientResult => ({
       address: r.address,
       outcome,
       code,
@@ -310,7 +328,12 @@ export class Deliverer {
               recipients.map((r) => {
                 const own = rejected.get(r.address);
                 if (own?.responseCode) {
-                  return result(r, own.responseCode >= 500 ? "failed" : "deferred", own.responseCode, own.response ?? "");
+                  return result(
+                    r,
+                    own.responseCode >= 500 ? "failed" : "deferred",
+                    own.responseCode,
+                    own.response ?? "",
+                  );
                 }
                 return result(r, outcome, code, reply);
               }),

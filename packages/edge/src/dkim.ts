@@ -195,7 +195,8 @@ export function dkimSignature(
   now = new Date(),
 ): string {
   const { headers, body } = splitMessage(message);
-  if (!headers.some((h) => h.name === "from")) throw new RangeError("a message without From cannot be signed");
+  if (!headers.some((h) => h.name === "from"))
+    throw new RangeError("a message without From cannot be signed");
   const bodyHash = createHash("sha256").update(relaxedBody(body)).digest("base64");
   const names: string[] = [];
   for (const name of DKIM_SIGNED_HEADERS) {

@@ -476,7 +476,10 @@ export class OutboundQueue {
     };
     await this.commit(entry, message);
     this.counters.queued++;
-    this.options.logger.info({ id: entry.id, rcpt: entry.recipients.length, size: entry.size }, "queued locally written mail");
+    this.options.logger.info(
+      { id: entry.id, rcpt: entry.recipients.length, size: entry.size },
+      "queued locally written mail",
+    );
     this.kick();
     return entry.id;
   }
@@ -920,6 +923,8 @@ export async function startOutbound(options: {
   config: EdgeConfig;
   tunnels: TunnelServer;
   logger: Logger;
+  /** Where DSNs go; default: live SMTP over the home's tunnel (the spool can take this over). */
+  mailbox?: (homePublicKey: string) => HomeMailbox;
 }): Promise<OutboundQueue> {
   const { dir, config, tunnels, logger } = options;
   const dkimKeys = await loadDkimKeys(dir);
@@ -945,14 +950,16 @@ export async function startOutbound(options: {
     logger,
     dkimKeys,
     deliver: (request) => deliverer.deliver(request),
-    mailbox: (homePublicKey) =>
-      new TunnelHomeMailbox({
-        tunnels,
-        homePublicKey,
-        hostname: config.hostname,
-        clientAddress,
-        logger: logger.child({ component: "home-mailbox" }),
-      }),
+    mailbox:
+      options.mailbox ??
+      ((homePublicKey) =>
+        new TunnelHomeMailbox({
+          tunnels,
+          homePublicKey,
+          hostname: config.hostname,
+          clientAddress,
+          logger: logger.child({ component: "home-mailbox" }),
+        })),
   });
   await queue.start();
   return queue;

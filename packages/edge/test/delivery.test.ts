@@ -2,7 +2,7 @@ import type { AddressInfo } from "node:net";
 import { createLogger, type HostPort } from "@mxtunnel/shared";
 import { SMTPServer } from "smtp-server";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { Deliverer, RouteError, enhancedOf, isRefusedDestination } from "../src/delivery.js";
+import { Deliverer, enhancedOf, isRefusedDestination, RouteError } from "../src/delivery.js";
 import { startDnsServer } from "./dns-server.js";
 
 const logger = createLogger({ name: "test", level: "silent" });
@@ -46,7 +46,11 @@ async function receiver(rcptReplies: Record<string, { code: number; text: string
   return { server, port, received, stop: () => new Promise<void>((r) => server.close(() => r())) };
 }
 
-function deliverer(options: { transports?: Record<string, HostPort>; dnsServers?: string[]; requireTLS?: string[] }) {
+function deliverer(options: {
+  transports?: Record<string, HostPort>;
+  dnsServers?: string[];
+  requireTLS?: string[];
+}) {
   return new Deliverer({
     hostname: "mx.edge.test",
     transports: options.transports ?? {},
@@ -77,7 +81,12 @@ describe("route lookup", () => {
       },
       "primary.pref.test": { a: ["203.0.113.10"] },
       "backup.pref.test": { a: ["198.51.100.20"], aaaa: ["2001:db8::20"] },
-      "half.test": { mx: [{ priority: 10, exchange: "a.half.test" }, { priority: 20, exchange: "b.half.test" }] },
+      "half.test": {
+        mx: [
+          { priority: 10, exchange: "a.half.test" },
+          { priority: 20, exchange: "b.half.test" },
+        ],
+      },
       "a.half.test": { a: ["10.0.0.1"] },
       "b.half.test": { a: ["203.0.113.77"] },
     });
@@ -144,7 +153,10 @@ describe("route lookup", () => {
 
   it("lets transports name loopback hosts, and asks no DNS for them", async () => {
     const before = dns.queries.length;
-    const hops = await deliverer({ dnsServers: [dns.address], transports: { "loop.test": { host: "127.0.0.1", port: 2526 } } }).route("loop.test");
+    const hops = await deliverer({
+      dnsServers: [dns.address],
+      transports: { "loop.test": { host: "127.0.0.1", port: 2526 } },
+    }).route("loop.test");
     expect(hops).toEqual([{ name: "127.0.0.1", addresses: ["127.0.0.1"], port: 2526 }]);
     expect(dns.queries.length).toBe(before);
   });
@@ -178,8 +190,12 @@ describe("delivery over SMTP", () => {
   afterAll(() => rx.stop());
 
   it("carries every recipient of the domain on one connection, EHLO = edge hostname, with a result each", async () => {
-    const message = Buffer.from("From: a@home.test\r\nTo: b@remote.test\r\nSubject: x\r\n\r\n.leading dot\r\nbody\r\n");
-    const results = await deliverer({ transports: { "remote.test": { host: "127.0.0.1", port: rx.port } } }).deliver({
+    const message = Buffer.from(
+      "From: a@home.test\r\nTo: b@remote.test\r\nSubject: x\r\n\r\n.leading dot\r\nbody\r\n",
+    );
+    const results = await deliverer({
+      transports: { "remote.test": { host: "127.0.0.1", port: rx.port } },
+    }).deliver({
       domain: "remote.test",
       mailFrom: "a@home.test",
       params: { BODY: "8BITMIME" },
@@ -205,13 +221,15 @@ describe("delivery over SMTP", () => {
   });
 
   it("defers when nothing listens, and when requireTLS meets a server without STARTTLS", async () => {
-    const closed = await deliverer({ transports: { "remote.test": { host: "127.0.0.1", port: 9 } } }).deliver({
-      domain: "remote.test",
-      mailFrom: "a@home.test",
-      params: {},
-      recipients: [{ address: "b@remote.test", params: {} }],
-      message: Buffer.from("From: a@home.test\r\n\r\nx\r\n"),
-    });
+    const closed = await deliverer({ transports: { "remote.test": { host: "127.0.0.1", port: 9 } } }).deliver(
+      {
+        domain: "remote.test",
+        mailFrom: "a@home.test",
+        params: {},
+        recipients: [{ address: "b@remote.test", params: {} }],
+        message: Buffer.from("From: a@home.test\r\n\r\nx\r\n"),
+      },
+    );
     expect(closed[0]?.outcome).toBe("deferred");
     const noTls = await deliverer({
       transports: { "remote.test": { host: "127.0.0.1", port: rx.port } },

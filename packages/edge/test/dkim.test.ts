@@ -1,6 +1,6 @@
 import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
-import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
+import { mkdtemp, rm, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { generateKeyPair } from "@mxtunnel/shared";
@@ -70,7 +70,9 @@ describe("dkim", () => {
   });
 
   it("canonicalizes relaxed headers and bodies as RFC 6376 3.4.2/3.4.4 say", () => {
-    expect(relaxedHeader("Subject : a   folded\r\n\tsubject line  ")).toBe("subject:a folded subject line\r\n");
+    expect(relaxedHeader("Subject : a   folded\r\n\tsubject line  ")).toBe(
+      "subject:a folded subject line\r\n",
+    );
     expect(relaxedBody(Buffer.from("a  b \r\n\r\n\r\n")).toString()).toBe("a b\r\n");
     expect(relaxedBody(Buffer.from("")).toString()).toBe("");
     expect(relaxedBody(Buffer.from("\r\n\r\n")).toString()).toBe("");

@@ -36,11 +36,15 @@ function ipv6Bytes(address: string): Buffer {
   const t = tail ? tail.split(":") : [];
   const groups = [...h, ...Array(8 - h.length - t.length).fill("0"), ...t];
   const out = Buffer.alloc(16);
-  groups.forEach((g, i) => out.writeUInt16BE(Number.parseInt(g || "0", 16), i * 2));
+  groups.forEach((g, i) => {
+    out.writeUInt16BE(Number.parseInt(g || "0", 16), i * 2);
+  });
   return out;
 }
 
-export async function startDnsServer(zones: Record<string, Zone>): Promise<{ address: string; queries: string[]; stop(): Promise<void> }> {
+export async function startDnsServer(
+  zones: Record<string, Zone>,
+): Promise<{ address: string; queries: string[]; stop(): Promise<void> }> {
   const socket = dgram.createSocket("udp4");
   const queries: string[] = [];
   socket.on("message", (query, peer) => {
@@ -65,7 +69,8 @@ export async function startDnsServer(zones: Record<string, Zone>): Promise<{ add
         rr(TYPE.MX, Buffer.concat([pref, encodeName(mx.exchange)]));
       }
     }
-    if (zone && qtype === TYPE.A) for (const a of zone.a ?? []) rr(TYPE.A, Buffer.from(a.split(".").map(Number)));
+    if (zone && qtype === TYPE.A)
+      for (const a of zone.a ?? []) rr(TYPE.A, Buffer.from(a.split(".").map(Number)));
     if (zone && qtype === TYPE.AAAA) for (const a of zone.aaaa ?? []) rr(TYPE.AAAA, ipv6Bytes(a));
     const header = Buffer.alloc(12);
     header.writeUInt16BE(query.readUInt16BE(0), 0);

@@ -22,7 +22,12 @@ import {
 } from "@mxtunnel/shared";
 import addressparser from "nodemailer/lib/addressparser";
 import { generate } from "selfsigned";
-import { type SMTPServerAddress, type SMTPServerDataStream, SMTPServer, type SMTPServerSession } from "smtp-server";
+import {
+  SMTPServer,
+  type SMTPServerAddress,
+  type SMTPServerDataStream,
+  type SMTPServerSession,
+} from "smtp-server";
 import type { EdgeLink } from "./edge-link.js";
 
 export interface RelayLimits {
@@ -77,7 +82,11 @@ export function headerFrom(message: Buffer): string[] {
   const head = message.subarray(0, end < 0 ? message.length : end).toString("latin1");
   const fields = head.split(/\r\n(?![ \t])/).filter((line) => /^from\s*:/i.test(line));
   if (fields.length !== 1) {
-    throw reply(550, "5.6.0", fields.length === 0 ? "message has no From header" : "more than one From header");
+    throw reply(
+      550,
+      "5.6.0",
+      fields.length === 0 ? "message has no From header" : "more than one From header",
+    );
   }
   const value = fields[0]!.slice(fields[0]!.indexOf(":") + 1).replace(/\r\n/g, "");
   const addresses = addressparser(value, { flatten: true })
@@ -140,11 +149,15 @@ export class RelayListener {
       disabledCommands: auth === null ? ["AUTH", "STARTTLS"] : tls ? [] : ["STARTTLS"],
       ...(tls ?? {}),
       maxClients: 100,
+      // The client is Postfix on this machine: a reverse lookup only adds latency to every session.
+      disableReverseLookup: true,
       logger: false,
       onAuth: (credentials, _session, callback) => {
         const expected = auth?.users[credentials.username ?? ""];
         const given = Buffer.from(credentials.password ?? "");
-        const ok = expected !== undefined && given.length === Buffer.byteLength(expected) &&
+        const ok =
+          expected !== undefined &&
+          given.length === Buffer.byteLength(expected) &&
           timingSafeEqual(given, Buffer.from(expected));
         if (!ok) {
           this.options.logger.warn({ user: credentials.username }, "relay AUTH failed");
@@ -206,7 +219,10 @@ export class RelayListener {
     if (stream.sizeExceeded) throw reply(552, "5.3.4", "message too big");
     const message = Buffer.concat(chunks);
     const mailFrom = session.envelope.mailFrom ? session.envelope.mailFrom.address : "";
-    const rcptTo = session.envelope.rcptTo.map((r: SMTPServerAddress) => ({ address: r.address, params: paramsOf(r.args) }));
+    const rcptTo = session.envelope.rcptTo.map((r: SMTPServerAddress) => ({
+      address: r.address,
+      params: paramsOf(r.args),
+    }));
     const domains = this.domains();
     for (const address of headerFrom(message)) {
       if (!domainAllowed(domainOf(address), domains)) {
@@ -217,9 +233,17 @@ export class RelayListener {
     }
     if (!this.bucket.take()) {
       this.counters.deferred++;
-      throw reply(451, "4.7.1", `rate limit: more than ${this.options.limits.messagesPerHour} messages an hour`);
+      throw reply(
+        451,
+        "4.7.1",
+        `rate limit: more than ${this.options.limits.messagesPerHour} messages an hour`,
+      );
     }
-    const id = relayId(mailFrom, rcptTo.map((r) => r.address), message);
+    const id = relayId(
+      mailFrom,
+      rcptTo.map((r) => r.address),
+      message,
+    );
     const meta = {
       id,
       mailFrom,
@@ -232,7 +256,10 @@ export class RelayListener {
     if (result.status === "queued") {
       if (result.duplicate) this.counters.duplicates++;
       this.counters.relayed++;
-      log.info({ rcpt: rcptTo.length, size: message.length, duplicate: result.duplicate === true }, "relayed");
+      log.info(
+        { rcpt: rcptTo.length, size: message.length, duplicate: result.duplicate === true },
+        "relayed",
+      );
       return `2.0.0 queued on the edge as ${id}`;
     }
     if (result.status === "deferred") this.counters.deferred++;
@@ -243,15 +270,29 @@ export class RelayListener {
 
   /** Sends one message on a relay stream; resolves with the edge's RESULT (or a 451 of our own). */
   private relay(
-    meta: { id: string; mailFrom: string; rcptTo: { address: string; params: Record<string, string> }[]; params: Record<string, string>; size: number },
+    meta: {
+      id: string;
+      mailFrom: string;
+      rcptTo: { address: string; params: Record<string, string> }[];
+      params: Record<string, string>;
+      size: number;
+    },
     message: Buffer,
     senderDomain: string,
   ): Promise<RelayResult> {
-    const tempFail = (why: string): RelayResult => ({ status: "deferred", code: 451, enhanced: "4.4.1", message: why });
-    const connected = [...this.options.links.values()].filter((link) => link.status().connected && link.currentMux);
+    const tempFail = (why: string): RelayResult => ({
+      status: "deferred",
+      code: 451,
+      enhanced: "4.4.1",
+      message: why,
+    });
+    const connected = [...this.options.links.values()].filter(
+      (link) => link.status().connected && link.currentMux,
+    );
     // An edge bound to the sender's domain first; bounces (<>) may leave through any.
     const link =
-      connected.find((l) => senderDomain !== "" && domainAllowed(senderDomain, l.edge.domains)) ?? connected[0];
+      connected.find((l) => senderDomain !== "" && domainAllowed(senderDomain, l.edge.domains)) ??
+      connected[0];
     const mux = link?.currentMux;
     if (!mux || mux.closed) return Promise.resolve(tempFail("no tunnel to the edge; try again later"));
     let stream: MuxStream;
@@ -271,14 +312,22 @@ export class RelayListener {
         if (abandon && !stream.destroyed) stream.reset(ResetCode.CANCEL, "home gave up waiting");
         resolve(result);
       };
-      stream.on("result", (value: unknown) => settle(parseResult(value, meta.id) ?? tempFail("the edge sent a malformed RESULT")));
-      stream.on("reset", (_code: number, reason: string) => settle(tempFail(`the edge reset the relay stream (${reason})`)));
+      stream.on("result", (value: unknown) =>
+        settle(parseResult(value, meta.id) ?? tempFail("the edge sent a malformed RESULT")),
+      );
+      stream.on("reset", (_code: number, reason: string) =>
+        settle(tempFail(`the edge reset the relay stream (${reason})`)),
+      );
       stream.on("close", () => settle(tempFail("the tunnel closed before the edge answered")));
       stream.on("error", () => settle(tempFail("the relay stream failed")));
       stream.resume();
       stream.end(message, () => {
         // The clock runs from the last byte handed over: a slow uplink is not a dead edge.
-        if (!settled) timer = setTimeout(() => settle(tempFail("the edge did not answer in time"), true), this.options.timeoutMs);
+        if (!settled)
+          timer = setTimeout(
+            () => settle(tempFail("the edge did not answer in time"), true),
+            this.options.timeoutMs,
+          );
       });
     });
   }
@@ -287,10 +336,12 @@ export class RelayListener {
 function parseResult(value: unknown, id: string): RelayResult | undefined {
   if (typeof value !== "object" || value === null) return undefined;
   const r = value as Record<string, unknown>;
-  if (r.status === "queued") return r.id === id ? { status: "queued", id, duplicate: r.duplicate === true } : undefined;
+  if (r.status === "queued")
+    return r.id === id ? { status: "queued", id, duplicate: r.duplicate === true } : undefined;
   if (r.status !== "rejected" && r.status !== "deferred") return undefined;
   const code = Number(r.code);
-  const enhanced = typeof r.enhanced === "string" && /^[45]\.\d{1,3}\.\d{1,3}$/.test(r.enhanced) ? r.enhanced : undefined;
+  const enhanced =
+    typeof r.enhanced === "string" && /^[45]\.\d{1,3}\.\d{1,3}$/.test(r.enhanced) ? r.enhanced : undefined;
   const message = typeof r.message === "string" ? r.message.replace(/[\r\n]+/g, " ").slice(0, 400) : "";
   // The class must match the status: a 2xx or a 5xx "deferred" from the edge is not believed.
   const valid = r.status === "rejected" ? code >= 500 && code <= 599 : code >= 400 && code <= 499;
@@ -340,7 +391,8 @@ export async function startRelayListener(options: RelayListenerOptions): Promise
       );
       if (stopped) return;
       timer = setTimeout(() => {
-        if (!stopped) attempt().catch((e: Error) => options.logger.error({ err: e.message }, "relay listener failed"));
+        if (!stopped)
+          attempt().catch((e: Error) => options.logger.error({ err: e.message }, "relay listener failed"));
       }, delay);
       timer.unref();
       delay = Math.min(30_000, delay * 2);

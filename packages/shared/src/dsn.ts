@@ -93,10 +93,7 @@ export function buildDsn(options: DsnOptions): Buffer {
         ? "Delayed Mail (still being retried)"
         : "Delivery Status Notification";
 
-  const human: string[] = [
-    `This is the mail system at host ${reportingMta}.`,
-    "",
-  ];
+  const human: string[] = [`This is the mail system at host ${reportingMta}.`, ""];
   if (failed.length > 0) {
     human.push(
       "I'm sorry to have to inform you that your message could not",
