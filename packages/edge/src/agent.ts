@@ -1,23 +1,28 @@
 // The edge agent: state, tunnel server, public listeners and the admin socket, started together
 // and stopped together. The CLI's `run` is a thin wrapper over startEdge.
 
+import { statfs } from "node:fs/promises";
 import type net from "node:net";
 import type { AddressInfo } from "node:net";
 import { join } from "node:path";
 import {
   type AdminRequest,
   AGENT_VERSION,
+  answerClockRequest,
   CloseCode,
+  decodeKey,
   type EdgeConfig,
   type FileLock,
   type ListenerLimits,
   type Logger,
   type MuxStream,
+  measureClockSkew,
   ResetCode,
   StateError,
   type StreamKind,
   serveAdminSocket,
 } from "@mxtunnel/shared";
+import type { EdgeProbe } from "./doctor.js";
 import {
   type FallbackReason,
   type ForwardLimits,
@@ -25,6 +30,8 @@ import {
   forwardOverLimitReply,
   forwardTryLater,
 } from "./forward-listener.js";
+import { edgeRegistry, startMetricsServer } from "./metrics.js";
+import { EdgeMonitor } from "./monitor.js";
 import { type OutboundQueue, startOutbound } from "./outbound-queue.js";
 import { receiveRecipientList } from "./recipient-sync.js";
 import { RecipientStore } from "./recipients.js";
@@ -53,8 +60,17 @@ export interface EdgeAgent {
   readonly tunnels: TunnelServer;
   readonly spool: { store: SpoolStore; server: SpoolServer; drain: SpoolDrain; recipients: RecipientStore };
   readonly outbound: OutboundQueue;
-  readonly addresses: { tunnel: AddressInfo; smtp: AddressInfo; forwards: AddressInfo[] };
+  readonly addresses: {
+    tunnel: AddressInfo;
+    smtp: AddressInfo;
+    forwards: AddressInfo[];
+    /** Where /metrics is served (null: metricsListen is off). */
+    metrics: AddressInfo | null;
+  };
+  readonly monitor: EdgeMonitor;
   status(): EdgeStatus;
+  /** Live checks for `doctor`: a fresh PING and a clock comparison per connected home. */
+  probe(): Promise<EdgeProbe>;
   stop(): Promise<void>;
 }
 
@@ -211,18 +227,121 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
       cleanups.push(() => f.stop());
     }
 
+    // Operator surface (status, doctor, metrics): today's counts, since when each home is away,
+    // the last errors; the peer answers clock requests; a home's rotated spool key is recorded.
+    const monitor = new EdgeMonitor(
+      tunnels,
+      () => ({
+        inboundSessions: [smtp, ...forwards].reduce((n, l) => n + l.counters.accepted, 0),
+        spooled: spool.counters.spooled,
+        drained: drain.counters.delivered,
+        relayed: outbound.counters.queued,
+        delivered: outbound.counters.delivered,
+        failed: outbound.counters.failed,
+      }),
+      startedAt,
+    );
+    cleanups.push(async () => monitor.stop());
+    const disk = await freeSpaceWatcher(dir);
+    cleanups.push(async () => disk.stop());
+    controlHandlers.push((message, tunnel) => {
+      if (answerClockRequest(message, tunnel.mux)) return;
+      if (message.type === "spool-key" && typeof message.publicKey === "string") {
+        void acceptSpoolKey(message.publicKey, tunnel).catch((error: Error) =>
+          logger.warn({ home: tunnel.home.name, err: error.message }, "spool key from home refused"),
+        );
+      }
+    });
+    const acceptSpoolKey = async (publicKeyText: string, tunnel: Tunnel) => {
+      const key = decodeKey(publicKeyText, "spool public key");
+      if (await state.setSpoolKey(tunnel.home.publicKey, key))
+        logger.info(
+          { home: tunnel.home.name },
+          "home rotated its spool key: new mail is sealed to the new key",
+        );
+      // Which keys the files still waiting for this home were sealed to: home keeps those.
+      const keyIdsInUse = [
+        ...new Set(
+          spoolStore
+            .list()
+            .filter((entry) => entry.homeKey === tunnel.home.publicKey)
+            .map((entry) => entry.header.spoolKeyId),
+        ),
+      ];
+      if (!tunnel.mux.closed)
+        tunnel.mux.sendControl({ type: "spool-key-ack", publicKey: publicKeyText, keyIdsInUse });
+    };
+    let metricsAddress: AddressInfo | null = null;
+    if (config.metricsListen) {
+      const registry = edgeRegistry({
+        state,
+        tunnels,
+        listeners: () => [
+          { service: "smtp", listener: smtp },
+          ...forwards.map((listener, i) => ({ service: config.forwards[i]?.service ?? "?", listener })),
+        ],
+        spoolStore,
+        spoolServer: spool,
+        drain,
+        outbound,
+      });
+      const metrics = await startMetricsServer(
+        config.metricsListen,
+        registry,
+        logger.child({ component: "metrics" }),
+      );
+      cleanups.push(() => metrics.stop());
+      metricsAddress = metrics.address;
+    }
+
     const agent: EdgeAgent = {
       state,
       tunnels,
       spool: { store: spoolStore, server: spool, drain, recipients },
       outbound,
-      addresses: { tunnel: tunnelAddress, smtp: smtpAddress, forwards: forwardAddresses },
+      addresses: {
+        tunnel: tunnelAddress,
+        smtp: smtpAddress,
+        forwards: forwardAddresses,
+        metrics: metricsAddress,
+      },
+      monitor,
       status: () =>
         edgeStatus({
           state,
           config,
-          running: { startedAt, tunnels, listeners: [smtp, ...forwards], spool: spoolStore, recipients },
+          running: {
+            startedAt,
+            tunnels,
+            listeners: [smtp, ...forwards],
+            spool: spoolStore,
+            recipients,
+            outbound,
+            monitor,
+            freeBytes: disk.freeBytes(),
+          },
         }),
+      probe: async () => ({
+        version: AGENT_VERSION,
+        homes: await Promise.all(
+          state.homes().map(async (home) => {
+            const tunnel = tunnels.tunnelOf(home.publicKey);
+            const live = tunnel !== undefined && !tunnel.mux.closed;
+            const [rttMs, clockSkewMs] = live
+              ? await Promise.all([tunnel.mux.ping().catch(() => null), measureClockSkew(tunnel.mux, 3000)])
+              : [null, null];
+            return {
+              name: home.name,
+              fingerprint: home.fingerprint,
+              connected: live,
+              rttMs,
+              clockSkewMs,
+              peerVersion: tunnel?.peerVersion ?? null,
+              downSince: live ? null : new Date(monitor.homeDownSince(home.publicKey)).toISOString(),
+            };
+          }),
+        ),
+      }),
       stop: cleanup,
     };
 
@@ -287,6 +406,8 @@ async function handleAdmin(agent: EdgeAgent, config: EdgeConfig, request: AdminR
   switch (request.command) {
     case "status":
       return agent.status();
+    case "probe":
+      return agent.probe();
     case "pair":
       return issuePairingToken(agent.state, config, {
         ttlMs: Number(args.ttlMs),
@@ -319,3 +440,20 @@ async function handleAdmin(agent: EdgeAgent, config: EdgeConfig, request: AdminR
 }
 
 export type { FileLock };
+
+/** Free bytes under the state directory, measured at start and every minute (status is synchronous). */
+async function freeSpaceWatcher(dir: string): Promise<{ freeBytes(): number | null; stop(): void }> {
+  let free: number | null = null;
+  const measure = async () => {
+    try {
+      const fs = await statfs(dir);
+      free = fs.bavail * fs.bsize;
+    } catch {
+      free = null;
+    }
+  };
+  await measure();
+  const timer = setInterval(() => void measure(), 60_000);
+  timer.unref();
+  return { freeBytes: () => free, stop: () => clearInterval(timer) };
+}

@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // mxtunnel-edge: parses the command line, validates config, and calls the core. Nothing here
 // decides policy; the core never reads argv or env and never exits the process.
+import { readdir, stat, statfs } from "node:fs/promises";
 import { join } from "node:path";
 import {
   AdminUnavailable,
@@ -8,13 +9,18 @@ import {
   callAdminSocket,
   collect,
   createLogger,
+  doctorFailed,
   parseDuration,
+  renderDoctor,
   reportCliError,
   shutdownSignal,
 } from "@mxtunnel/shared";
 import { Command } from "commander";
 import { issuePairingToken, runEdge } from "./agent.js";
 import { loadEdgeConfigFrom } from "./config.js";
+import { dkimRecords } from "./dkim.js";
+import { dnsPlan, edgePublicAddresses, renderDnsPlan } from "./dns-records.js";
+import { type EdgeProbe, edgeDoctor } from "./doctor.js";
 import { initEdge } from "./init.js";
 import { outboundQueueEntries, renderOutboundQueue } from "./outbound-queue.js";
 import { renderSpoolQueue, SpoolStore, spoolQueueEntries } from "./spool-store.js";
@@ -172,11 +178,75 @@ export function buildProgram(): Command {
       } catch (error) {
         if (!(error instanceof AdminUnavailable)) throw error;
         const config = await loadEdgeConfigFrom(opts.dir);
-        status = edgeStatus({ state: await EdgeState.open(opts.dir, { readOnly: true }), config });
+        status = edgeStatus({
+          state: await EdgeState.open(opts.dir, { readOnly: true }),
+          config,
+          ...(await offlineStatusFacts(opts.dir)),
+        });
       }
       process.stdout.write(
         opts.json ? `${JSON.stringify(status, null, 2)}\n` : `${renderEdgeStatus(status)}\n`,
       );
+    });
+
+  program
+    .command("dns")
+    .description("the DNS records to publish for this edge (A/AAAA, MX, SPF, DKIM, DMARC, PTR, MTA-STS)")
+    .requiredOption("--dir <dir>", "edge state directory")
+    .option(
+      "--ip <address>",
+      "the edge's public IP (repeatable; default: publicAddresses, then detected)",
+      collect,
+    )
+    .option("--json", "machine-readable output")
+    .action(async (opts: { dir: string; ip?: string[]; json?: boolean }) => {
+      const config = await loadEdgeConfigFrom(opts.dir);
+      const { addresses, source } = edgePublicAddresses(config, opts.ip ?? []);
+      const plan = dnsPlan({ config, dkim: await dkimRecords(opts.dir), addresses, addressSource: source });
+      process.stdout.write(opts.json ? `${JSON.stringify(plan, null, 2)}\n` : `${renderDnsPlan(plan)}\n`);
+    });
+
+  program
+    .command("doctor")
+    .description(
+      "live checks: DNS, blocklists, outbound port 25, tunnels, clocks, disk (exit 1 on a failure)",
+    )
+    .requiredOption("--dir <dir>", "edge state directory")
+    .option(
+      "--ip <address>",
+      "the edge's public IP (repeatable; default: publicAddresses, then detected)",
+      collect,
+    )
+    .option("--timeout <duration>", "per DNS query and for the port 25 probe", "5s")
+    .option("--json", "machine-readable output")
+    .action(async (opts: { dir: string; ip?: string[]; timeout: string; json?: boolean }) => {
+      const config = await loadEdgeConfigFrom(opts.dir);
+      const timeoutMs = parseDuration(opts.timeout, "--timeout");
+      const { addresses } = edgePublicAddresses(config, opts.ip ?? []);
+      let probe: EdgeProbe | null = null;
+      try {
+        probe = (await callAdminSocket(
+          edgePaths(opts.dir).adminSocket,
+          { command: "probe" },
+          15_000,
+        )) as EdgeProbe;
+      } catch (error) {
+        if (!(error instanceof AdminUnavailable)) throw error;
+      }
+      const checks = await edgeDoctor({
+        config,
+        dir: opts.dir,
+        addresses,
+        dkim: await dkimRecords(opts.dir),
+        probe,
+        timeoutMs,
+      });
+      process.stdout.write(
+        opts.json
+          ? `${JSON.stringify({ checks, failed: doctorFailed(checks) }, null, 2)}\n`
+          : `${renderDoctor(`mxtunnel-edge doctor: ${config.hostname} (${addresses.join(", ") || "address unknown"})`, checks)}\n`,
+      );
+      if (doctorFailed(checks)) process.exitCode = 1;
     });
 
   program
@@ -231,10 +301,37 @@ export function buildProgram(): Command {
   return program;
 }
 
+/** What `status` can still tell when the agent is not running: queue sizes and ages, free space. */
+async function offlineStatusFacts(dir: string) {
+  const ages = async (path: string, suffix: string) => {
+    const now = Date.now();
+    const names = await readdir(path).catch(() => [] as string[]);
+    const out: number[] = [];
+    for (const name of names.filter((n) => n.endsWith(suffix))) {
+      const info = await stat(join(path, name)).catch(() => undefined);
+      if (info) out.push(Math.max(0, Math.round((now - info.mtimeMs) / 1000)));
+    }
+    return { messages: out.length, oldestSeconds: out.length ? Math.max(...out) : null };
+  };
+  const outbound = await outboundQueueEntries(dir).catch(() => []);
+  const fs = await statfs(dir).catch(() => undefined);
+  return {
+    offlineQueues: {
+      spool: await ages(join(dir, "spool"), ".spool"),
+      outbound: {
+        messages: outbound.length,
+        oldestSeconds: outbound.length ? Math.max(...outbound.map((e) => e.ageSeconds)) : null,
+      },
+    },
+    freeBytes: fs ? fs.bavail * fs.bsize : null,
+  };
+}
+
 export async function main(argv: string[]): Promise<number> {
   try {
     await buildProgram().parseAsync(argv);
-    return 0;
+    // A command may report failure without an error (doctor: exit 1 when a check failed).
+    return typeof process.exitCode === "number" ? process.exitCode : 0;
   } catch (error) {
     return reportCliError(NAME, error);
   }

@@ -107,6 +107,26 @@ export class EdgeState {
     return this.peers.homes;
   }
 
+  /** Issued tokens no home has used yet (for status: a token about to expire unused). */
+  unusedTokens(): readonly Pick<TokenRecord, "id" | "expiresAt" | "domains">[] {
+    return this.tokens.tokens
+      .filter((token) => !token.usedBy)
+      .map(({ id, expiresAt, domains }) => ({ id, expiresAt, domains }));
+  }
+
+  /**
+   * Records a home's new spool key (home rotated it and said so over its authenticated tunnel).
+   * Mail spooled from now on is sealed to it; files already spooled keep the key id they name.
+   */
+  async setSpoolKey(homePublicKey: string, spoolPublicKey: Uint8Array): Promise<boolean> {
+    const home = this.peers.homes.find((h) => h.publicKey === homePublicKey);
+    const encoded = encodeKey(spoolPublicKey);
+    if (!home || home.spoolPublicKey === encoded) return false;
+    home.spoolPublicKey = encoded;
+    await this.savePeers();
+    return true;
+  }
+
   findHome(publicKey: Uint8Array): HomeRecord | undefined {
     const encoded = encodeKey(publicKey);
     return this.peers.homes.find((home) => home.publicKey === encoded);

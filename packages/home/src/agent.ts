@@ -5,18 +5,23 @@ import { join } from "node:path";
 import {
   type AdminRequest,
   AGENT_VERSION,
+  answerClockRequest,
   type HomeConfig,
   type Logger,
   type MuxStream,
+  measureClockSkew,
   ResetCode,
   type StreamKind,
   serveAdminSocket,
 } from "@mxtunnel/shared";
+import type { HomeProbe } from "./doctor.js";
 import { EdgeLink } from "./edge-link.js";
 import { InjectedLog } from "./injected-log.js";
+import { HomeMonitor } from "./monitor.js";
 import { RecipientSync } from "./recipient-sync.js";
 import { type RelayListener, startRelayListener } from "./relay-listener.js";
 import { SpoolInjector } from "./spool-injector.js";
+import { SpoolKeyRing } from "./spool-keys.js";
 
 export type HomeStreamHandler = (stream: MuxStream, link: EdgeLink) => void;
 export type HomeControlHandler = (message: Record<string, unknown>, link: EdgeLink) => void;
@@ -32,6 +37,8 @@ export interface HomeAgentOptions {
   logger: Logger;
   /** Overrides the mux's liveness timing (tests). */
   mux?: { pingIntervalMs?: number; idleTimeoutMs?: number };
+  /** While old spool keys remain, how often the edges are asked which ones they still need (default 60 s). */
+  spoolKeyCheckMs?: number;
 }
 
 export interface HomeAgent {
@@ -41,7 +48,13 @@ export interface HomeAgent {
   /** Outbound: Postfix's relayhost, handing mail to the edge on relay streams. */
   readonly relay: RelayListener;
   readonly injector: SpoolInjector;
+  /** The current spool key and the old ones kept until the edges have drained mail sealed to them. */
+  readonly spoolKeys: SpoolKeyRing;
   status(): HomeStatus;
+  /** Live checks for `doctor`: a fresh PING and a clock comparison per connected edge. */
+  probe(): Promise<HomeProbe>;
+  /** A new spool key; the edges learn it at once (or on their next tunnel). */
+  rotateSpoolKey(): Promise<{ current: string; retiring: string[] }>;
   /** Resolves once every paired edge has a live tunnel (or rejects after timeoutMs). */
   waitConnected(timeoutMs: number): Promise<void>;
   stop(): Promise<void>;
@@ -65,6 +78,8 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
   };
   try {
     const state = await HomeState.open(dir, { create: true });
+    const spoolKeys = await SpoolKeyRing.open(dir);
+    state.spoolKeyPair = spoolKeys.currentKey;
     const startedAt = Date.now();
     const connector = new ServiceConnector({
       services: serviceTable(config),
@@ -82,6 +97,7 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
     cleanups.push(() => injectedLog.close());
     const injector = new SpoolInjector({
       spoolKeyPair: state.spoolKeyPair,
+      spoolKeys: () => spoolKeys.all(),
       inject: { target: config.postfix.inject, proxyProtocol: config.postfix.proxyProtocol },
       log: injectedLog,
       logger: logger.child({ component: "spool" }),
@@ -105,6 +121,41 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
       for (const handler of controlHandlers) handler(message, link);
     };
     const links = new Map<string, EdgeLink>();
+    // Operator surface: today's counts, since when each edge is away, the last errors.
+    const monitor = new HomeMonitor(
+      () => ({
+        forwarded: connector.counters.accepted,
+        injectedFromSpool: injector.counters.delivered,
+        relayed: relay.listener.counters.relayed,
+        relayRefused: relay.listener.counters.refused + relay.listener.counters.deferred,
+      }),
+      startedAt,
+    );
+    cleanups.push(async () => monitor.stop());
+    // Spool key rotation (docs/protocol.md): every edge hears the current key on each tunnel up and,
+    // while old keys remain, periodically; its ack says which old keys its spool still needs.
+    const sendSpoolKey = (link: EdgeLink) => {
+      const mux = link.currentMux;
+      if (mux && !mux.closed)
+        mux.sendControl({ type: "spool-key", publicKey: spoolKeys.currentPublicKeyText });
+    };
+    const spoolKeyTimer = setInterval(() => {
+      if (spoolKeys.oldKeyIds().length) for (const link of links.values()) sendSpoolKey(link);
+    }, options.spoolKeyCheckMs ?? 60_000);
+    spoolKeyTimer.unref();
+    cleanups.push(async () => clearInterval(spoolKeyTimer));
+    controlHandlers.push((message, link) => {
+      const mux = link.currentMux;
+      if (mux && answerClockRequest(message, mux)) return;
+      if (message.type !== "spool-key-ack") return;
+      if (!spoolKeys.acknowledge(link.edge.publicKey, message.publicKey, message.keyIdsInUse)) return;
+      void spoolKeys
+        .retire(
+          state.edges().map((edge) => edge.publicKey),
+          logger.child({ component: "spool" }),
+        )
+        .catch((error: Error) => logger.warn({ err: error.message }, "could not delete an old spool key"));
+    });
     const addLink = (edge: EdgeRecord) => {
       const link = new EdgeLink({
         edge,
@@ -116,6 +167,8 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
         onControl,
       });
       links.set(edge.publicKey, link);
+      monitor.watch(link);
+      link.on("up", () => sendSpoolKey(link));
       recipientSync.attach(link);
       link.start();
     };
@@ -142,7 +195,39 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
       connector,
       relay: relay.listener,
       injector,
-      status: () => homeStatus({ state, running: { startedAt, links } }),
+      spoolKeys,
+      status: () => homeStatus({ state, running: { startedAt, links, monitor }, spoolKeys }),
+      probe: async () => ({
+        version: AGENT_VERSION,
+        edges: await Promise.all(
+          state.edges().map(async (edge) => {
+            const link = links.get(edge.publicKey);
+            const status = link?.status();
+            const mux = link?.currentMux;
+            const live = mux !== undefined && !mux.closed;
+            const [rttMs, clockSkewMs] = live
+              ? await Promise.all([mux.ping().catch(() => null), measureClockSkew(mux, 3000)])
+              : [null, null];
+            return {
+              hostname: edge.hostname,
+              fingerprint: edge.fingerprint,
+              connected: live,
+              rttMs,
+              clockSkewMs,
+              peerVersion: status?.peerVersion ?? null,
+              downSince: live || !link ? null : new Date(monitor.edgeDownSince(link)).toISOString(),
+              lastError: status?.lastError ?? null,
+            };
+          }),
+        ),
+      }),
+      rotateSpoolKey: async () => {
+        const result = await spoolKeys.rotate();
+        state.spoolKeyPair = spoolKeys.currentKey;
+        logger.info({ spoolKey: result.current, retiring: result.retiring }, "spool key rotated");
+        for (const link of links.values()) sendSpoolKey(link);
+        return result;
+      },
       waitConnected: (timeoutMs) => waitAllConnected(links, timeoutMs),
       stop: cleanup,
     };
@@ -151,6 +236,10 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
       switch (request.command) {
         case "status":
           return agent.status();
+        case "probe":
+          return agent.probe();
+        case "rotate-spool-key":
+          return agent.rotateSpoolKey();
         case "pair": {
           const edge = await pairWithEdge({
             token: String(args.token ?? ""),

@@ -8,14 +8,19 @@ import {
   configWarnings,
   createLogger,
   decodePairingToken,
+  doctorFailed,
+  parseDuration,
+  renderDoctor,
   reportCliError,
   shutdownSignal,
 } from "@mxtunnel/shared";
 import { Command } from "commander";
 import { runHome } from "./agent.js";
 import { ensureHomeConfig, loadHomeConfigFrom } from "./config.js";
+import { type HomeProbe, homeDoctor } from "./doctor.js";
 import { pairWithEdge } from "./pairing.js";
 import { hasFailures, postfixConfigReport, renderPostfixAdvice } from "./postfix-config.js";
+import { SpoolKeyRing } from "./spool-keys.js";
 import { type EdgeRecord, HomeState, homePaths, lockHomeState } from "./state.js";
 import { type HomeStatus, homeStatus, renderHomeStatus } from "./status.js";
 
@@ -136,10 +141,67 @@ export function buildProgram(): Command {
         )) as HomeStatus;
       } catch (error) {
         if (!(error instanceof AdminUnavailable)) throw error;
-        status = homeStatus({ state: await HomeState.open(opts.dir, { create: false }) });
+        status = homeStatus({
+          state: await HomeState.open(opts.dir, { create: false }),
+          spoolKeys: await SpoolKeyRing.open(opts.dir),
+        });
       }
       process.stdout.write(
         opts.json ? `${JSON.stringify(status, null, 2)}\n` : `${renderHomeStatus(status)}\n`,
+      );
+    });
+
+  program
+    .command("doctor")
+    .description(
+      "live checks: tunnels and RTT, clocks, each service and its PROXY setting, Postfix (exit 1 on a failure)",
+    )
+    .requiredOption("--dir <dir>", "home state directory")
+    .option(
+      "--config-directory <dir>",
+      "Postfix configuration directory (postconf -c), for a non-default instance",
+    )
+    .option("--timeout <duration>", "per probe", "5s")
+    .option("--json", "machine-readable output")
+    .action(async (opts: { dir: string; configDirectory?: string; timeout: string; json?: boolean }) => {
+      const config = await loadHomeConfigFrom(opts.dir);
+      const timeoutMs = parseDuration(opts.timeout, "--timeout");
+      let probe: HomeProbe | null = null;
+      try {
+        probe = (await callAdminSocket(
+          homePaths(opts.dir).adminSocket,
+          { command: "probe" },
+          15_000,
+        )) as HomeProbe;
+      } catch (error) {
+        if (!(error instanceof AdminUnavailable)) throw error;
+      }
+      const postfix = await postfixConfigReport(
+        config,
+        opts.configDirectory ? { configDirectory: opts.configDirectory } : {},
+      ).catch(() => null);
+      const checks = await homeDoctor({ config, probe, postfix, timeoutMs });
+      process.stdout.write(
+        opts.json
+          ? `${JSON.stringify({ checks, failed: doctorFailed(checks) }, null, 2)}\n`
+          : `${renderDoctor(`mxtunnel-home doctor: ${opts.dir}`, checks)}\n`,
+      );
+      if (doctorFailed(checks)) process.exitCode = 1;
+    });
+
+  program
+    .command("rotate-spool-key")
+    .description(
+      "make a new spool key; the old one is kept until no edge holds mail sealed to it (back up --dir afterwards)",
+    )
+    .requiredOption("--dir <dir>", "home state directory")
+    .action(async (opts: { dir: string }) => {
+      const result = await viaAgentOrLock(opts.dir, "rotate-spool-key", {}, async () =>
+        (await SpoolKeyRing.open(opts.dir)).rotate(),
+      );
+      process.stdout.write(
+        `new spool key ${result.current}; kept until the edges have drained mail sealed to it: ${result.retiring.join(", ")}\n` +
+          "the edges learn the new key over the tunnel (now, or when the agent next connects); back up the directory now\n",
       );
     });
 

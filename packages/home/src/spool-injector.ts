@@ -9,6 +9,7 @@ import {
   encodeProxyV1,
   encodeProxyV2,
   type KeyPair,
+  keyFingerprint,
   type Logger,
   type MuxStream,
   parseSpoolHeader,
@@ -23,6 +24,8 @@ import type { ServiceTarget } from "./service-connector.js";
 
 export interface SpoolInjectorOptions {
   spoolKeyPair: KeyPair;
+  /** Every spool key home holds, current first (after a rotation, old ones until drained). */
+  spoolKeys?: () => readonly KeyPair[];
   inject: ServiceTarget;
   log: InjectedLog;
   logger: Logger;
@@ -111,7 +114,10 @@ export class SpoolInjector {
     }
     let opener: SpoolOpener;
     try {
-      opener = new SpoolOpener(header, this.options.spoolKeyPair);
+      const keys = this.options.spoolKeys?.() ?? [this.options.spoolKeyPair];
+      // The file names the key it was sealed to; with none of ours matching, the opener says so.
+      const key = keys.find((pair) => keyFingerprint(pair.publicKey) === header.spoolKeyId) ?? keys[0]!;
+      opener = new SpoolOpener(header, key);
     } catch (error) {
       slog.error({ err: (error as Error).message }, "cannot open spooled message (wrong spool key?)");
       const result: InjectResult = { status: "corrupt", message: (error as Error).message };

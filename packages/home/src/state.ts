@@ -47,7 +47,8 @@ export class HomeState {
   private constructor(
     readonly paths: HomePaths,
     readonly keyPair: KeyPair,
-    readonly spoolKeyPair: KeyPair,
+    /** The current spool key; replaced by `rotate-spool-key` (see spool-keys.ts). */
+    public spoolKeyPair: KeyPair,
     private file: EdgesFile,
   ) {}
 

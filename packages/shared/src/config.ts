@@ -103,7 +103,24 @@ export interface EdgeConfig {
   dnsServers: string[];
   requireTLS: string[];
   metricsListen: HostPort | null;
+  /** The priority of this edge's MX record (`mxtunnel-edge dns`, `doctor`). */
+  mxPriority: number;
+  /** The edge's public IP addresses (A/AAAA, SPF, PTR, DNSBL checks); empty: detected. */
+  publicAddresses: string[];
+  checks: EdgeChecks;
   logLevel: LogLevel;
+}
+
+/** What `doctor` checks against and when `status` warns. */
+export interface EdgeChecks {
+  /** DNS blocklist zones the edge's IPv4 addresses are looked up in. */
+  dnsbls: string[];
+  /** A remote SMTP server `doctor` connects to, proving outbound port 25 is open. */
+  outboundProbe: HostPort;
+  /** bytes: less free space than this under the state directory is a warning (a failure below a tenth). */
+  minFreeSpace: number;
+  /** ms: a paired home disconnected this long is a warning in `status`. */
+  homeDownWarning: number;
 }
 
 export interface HomeService {
@@ -189,6 +206,14 @@ export interface EdgeConfigFile {
   dnsServers?: string[];
   requireTLS?: string[];
   metricsListen?: string | null;
+  mxPriority?: number;
+  publicAddresses?: string[];
+  checks?: {
+    dnsbls?: string[];
+    outboundProbe?: string;
+    minFreeSpace?: number;
+    homeDownWarning?: DurationText;
+  };
   logLevel?: LogLevel;
 }
 
@@ -241,6 +266,13 @@ export const EDGE_DEFAULTS = {
     maxMessageSize: 52_428_800,
     connectTimeout: "30s",
     commandTimeout: "5m",
+  },
+  mxPriority: 10,
+  checks: {
+    dnsbls: ["zen.spamhaus.org", "bl.spamcop.net", "psbl.surriel.com"],
+    outboundProbe: "gmail-smtp-in.l.google.com:25",
+    minFreeSpace: 1_073_741_824,
+    homeDownWarning: "1h",
   },
   logLevel: "info",
 } as const;
@@ -597,6 +629,26 @@ const edgeSchema = z.strictObject({
   dnsServers: listOf(field(checkDnsServer)),
   requireTLS: listOf(field((value) => checkDnsName(value, { needDot: true }))),
   metricsListen: field((value) => (value === undefined || value === null ? null : checkHostPort(value))),
+  mxPriority: withDefault(checkInteger(0, 65535), EDGE_DEFAULTS.mxPriority),
+  publicAddresses: listOf(
+    field((value) => {
+      if (typeof value !== "string" || !isIP(value))
+        throw new Invalid(`expected an IPv4 or IPv6 address such as "192.0.2.10", got ${show(value)}`);
+      return value;
+    }),
+  ),
+  checks: z
+    .strictObject({
+      // Left out: the default lists; [] turns the DNSBL check off.
+      dnsbls: z
+        .array(field((value) => checkDnsName(value, { needDot: true })))
+        .optional()
+        .transform((list) => list ?? [...EDGE_DEFAULTS.checks.dnsbls]),
+      outboundProbe: withDefault(checkHostPort, EDGE_DEFAULTS.checks.outboundProbe),
+      minFreeSpace: withDefault(checkInteger(0, Number.MAX_SAFE_INTEGER), EDGE_DEFAULTS.checks.minFreeSpace),
+      homeDownWarning: withDefault(checkDuration, EDGE_DEFAULTS.checks.homeDownWarning),
+    })
+    .prefault({}),
   logLevel,
 });
 
@@ -1005,6 +1057,9 @@ export function defaultEdgeConfig(fields: {
     dnsServers: [],
     requireTLS: [],
     metricsListen: null,
+    mxPriority: EDGE_DEFAULTS.mxPriority,
+    publicAddresses: [],
+    checks: { ...EDGE_DEFAULTS.checks, dnsbls: [...EDGE_DEFAULTS.checks.dnsbls] },
     logLevel: EDGE_DEFAULTS.logLevel,
   };
 }

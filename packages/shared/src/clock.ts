@@ -1,0 +1,48 @@
+// Clock skew between edge and home, measured over CONTROL: one side sends `time-request` with an id,
+// the other answers `time` with the same id and its clock; the skew is the peer's clock minus the
+// midpoint of the round trip. Both agents answer; `doctor` on either side asks.
+import { randomBytes } from "node:crypto";
+import type { Mux } from "./mux.js";
+
+/** Answers a peer's time-request; true when the message was one (the caller stops there). */
+export function answerClockRequest(message: Record<string, unknown>, mux: Mux): boolean {
+  if (message.type !== "time-request" || typeof message.id !== "string") return false;
+  if (!mux.closed) mux.sendControl({ type: "time", id: message.id.slice(0, 64), now: Date.now() });
+  return true;
+}
+
+/**
+ * The peer's clock minus ours, in ms (positive: the peer is ahead), or null when the peer did not
+ * answer within timeoutMs (an agent too old to know the request, or a dead tunnel).
+ */
+export function measureClockSkew(mux: Mux, timeoutMs = 3000): Promise<number | null> {
+  if (mux.closed) return Promise.resolve(null);
+  const id = randomBytes(8).toString("hex");
+  return new Promise((resolve) => {
+    const sentAt = Date.now();
+    const onControl = (message: Record<string, unknown>) => {
+      if (message.type !== "time" || message.id !== id || typeof message.now !== "number") return;
+      const receivedAt = Date.now();
+      finish(Math.round(message.now - (sentAt + receivedAt) / 2));
+    };
+    const finish = (skew: number | null) => {
+      clearTimeout(timer);
+      mux.off("control", onControl);
+      mux.off("close", onClose);
+      resolve(skew);
+    };
+    const onClose = () => finish(null);
+    const timer = setTimeout(() => finish(null), timeoutMs);
+    mux.on("control", onControl);
+    mux.once("close", onClose);
+    try {
+      mux.sendControl({ type: "time-request", id });
+    } catch {
+      finish(null);
+    }
+  });
+}
+
+/** Skew beyond these is a warning, then a failure (DKIM t=, token expiry, logs that disagree). */
+export const CLOCK_SKEW_WARN_MS = 2_000;
+export const CLOCK_SKEW_FAIL_MS = 60_000;
