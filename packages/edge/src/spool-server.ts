@@ -33,6 +33,28 @@ export interface SpoolServerOptions {
   openFile?: typeof import("node:fs/promises").open;
 }
 
+/**
+ * Deadlines of their own for a spool session, on top of the idle timeout (which any byte resets, so
+ * a client trickling one byte a minute never trips it) and the session cap.
+ */
+export interface SpoolDeadlines {
+  /** From the first byte of a command line to its line end. A line is at most 512 octets. */
+  commandMs: number;
+  /** From the DATA command to the final dot. */
+  dataMs: number;
+  /**
+   * After the client's FIN no command can complete any more; what is left is a reply already being
+   * worked on (an fsync, then 250). This is how long it gets before the edge closes its side too.
+   */
+  halfCloseMs: number;
+}
+
+export const DEFAULT_SPOOL_DEADLINES: SpoolDeadlines = {
+  commandMs: 60_000,
+  dataMs: 10 * 60_000,
+  halfCloseMs: 5_000,
+};
+
 /** An SMTP reply as an error smtp-server sends verbatim. */
 function reply(code: number, text: string): Error & { responseCode: number } {
   return Object.assign(new Error(text), { responseCode: code });
@@ -48,7 +70,17 @@ export class SpoolServer {
   private readonly sessions = new WeakMap<SMTPServerSession, SessionState>();
   private readonly sizes = new Map<string, number>();
   private readonly resolve: DnsResolve;
-  readonly counters = { sessions: 0, spooled: 0, refusedRcpt: 0, smuggling: 0, writeErrors: 0 };
+  readonly counters = {
+    sessions: 0,
+    spooled: 0,
+    refusedRcpt: 0,
+    smuggling: 0,
+    writeErrors: 0,
+    deadlines: 0,
+  };
+  /** Mutable so tests can shorten them; production uses the defaults. */
+  deadlines: SpoolDeadlines = { ...DEFAULT_SPOOL_DEADLINES };
+  private readonly clocks = new Map<string, SessionClock>();
 
   constructor(private readonly options: SpoolServerOptions) {
     const { config } = options;
@@ -73,6 +105,11 @@ export class SpoolServer {
         callback();
         void session;
       },
+      // After STARTTLS the plaintext is read from the TLS socket: the clock watches that one now.
+      onSecure: (socket, session, callback) => {
+        this.clocks.get(session.id)?.watch(socket);
+        callback();
+      },
       onMailFrom: (_address, session, callback) => {
         this.sessions.set(session, {});
         if (!this.perIp.take(session.remoteAddress)) {
@@ -91,6 +128,9 @@ export class SpoolServer {
         }
       },
       onData: (stream, session, callback) => {
+        const clock = this.clocks.get(session.id);
+        clock?.dataStarted();
+        stream.once("end", () => clock?.dataEnded());
         this.receive(stream, session).then(
           (id) => callback(null, `2.0.0 Ok: queued as ${id} (backup MX)`),
           (error: Error) => callback(error),
@@ -102,12 +142,26 @@ export class SpoolServer {
 
   /** Takes over a connection the live path could not serve. */
   accept(socket: net.Socket): void {
+    const id = randomBytes(8).toString("hex");
+    // smtp-server's STARTTLS upgrade calls removeAllListeners() on the raw socket: the listener's own
+    // 'close' bookkeeping (connection counts per IP and in total, the session timer) would go with it,
+    // and every TLS session would hold a connection slot forever.
+    keepListenersAcrossUpgrade(socket);
+    const clock = new SessionClock(this.deadlines, this.options.config.hostname, () => {
+      this.counters.deadlines++;
+    });
+    this.clocks.set(id, clock);
+    socket.once("close", () => {
+      clock.stop();
+      this.clocks.delete(id);
+    });
     this.smtp.connect(socket, {
-      id: randomBytes(8).toString("hex"),
+      id,
       remoteAddress: socket.remoteAddress,
       remotePort: socket.remotePort,
     } as never);
     socket.resume();
+    clock.watch(socket);
   }
 
   /** The SIZE a home's Postfix accepts (reported by home over CONTROL). */
@@ -247,6 +301,118 @@ function stringParams(args: unknown): Record<string, string> {
     }
   }
   return out;
+}
+
+/**
+ * Keeps the listeners a socket had when it was handed to smtp-server across its STARTTLS upgrade,
+ * which strips every listener from the raw socket (including other owners' 'close' handlers).
+ */
+function keepListenersAcrossUpgrade(socket: net.Socket): void {
+  const kept = socket
+    .eventNames()
+    .map((event) => ({ event, listeners: socket.rawListeners(event) as ((...args: unknown[]) => void)[] }));
+  const removeAll = socket.removeAllListeners.bind(socket);
+  socket.removeAllListeners = ((event?: string | symbol) => {
+    removeAll(event);
+    for (const entry of kept) {
+      if (event !== undefined && event !== entry.event) continue;
+      for (const listener of entry.listeners) (socket as NodeJS.EventEmitter).on(entry.event, listener);
+    }
+    return socket;
+  }) as typeof socket.removeAllListeners;
+}
+
+/**
+ * Watches one spool session's plaintext (the raw socket, then the TLS socket after STARTTLS): a
+ * command line must end within commandMs of its first byte, DATA within dataMs, and after the
+ * client's FIN the session gets halfCloseMs to finish. Past a deadline: 421 and the connection closes.
+ */
+class SessionClock {
+  private socket: net.Socket | undefined;
+  private partialLine = false;
+  private inData = false;
+  private lineTimer: NodeJS.Timeout | undefined;
+  private dataTimer: NodeJS.Timeout | undefined;
+  private halfCloseTimer: NodeJS.Timeout | undefined;
+  private stopped = false;
+
+  constructor(
+    private readonly deadlines: SpoolDeadlines,
+    private readonly hostname: string,
+    private readonly onExpired: () => void,
+  ) {}
+
+  watch(socket: net.Socket): void {
+    this.socket?.off("data", this.onBytes);
+    this.socket?.off("end", this.onEnd);
+    this.socket = socket;
+    this.partialLine = false;
+    clearTimeout(this.lineTimer);
+    this.lineTimer = undefined;
+    socket.on("data", this.onBytes);
+    socket.once("end", this.onEnd);
+  }
+
+  dataStarted(): void {
+    this.inData = true;
+    clearTimeout(this.lineTimer);
+    this.lineTimer = undefined;
+    this.partialLine = false;
+    this.dataTimer = setTimeout(
+      () => this.expire("message data not completed in time"),
+      this.deadlines.dataMs,
+    );
+    this.dataTimer.unref();
+  }
+
+  dataEnded(): void {
+    this.inData = false;
+    clearTimeout(this.dataTimer);
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.lineTimer);
+    clearTimeout(this.dataTimer);
+    clearTimeout(this.halfCloseTimer);
+    this.socket?.off("data", this.onBytes);
+  }
+
+  private readonly onBytes = (chunk: Buffer): void => {
+    if (this.inData || this.stopped) return;
+    const lf = chunk.lastIndexOf(0x0a);
+    if (lf >= 0) {
+      clearTimeout(this.lineTimer);
+      this.lineTimer = undefined;
+      this.partialLine = lf < chunk.length - 1;
+    } else if (chunk.length > 0) {
+      this.partialLine = true;
+    }
+    if (this.partialLine && !this.lineTimer) {
+      this.lineTimer = setTimeout(
+        () => this.expire("command line not completed in time"),
+        this.deadlines.commandMs,
+      );
+      this.lineTimer.unref();
+    }
+  };
+
+  private readonly onEnd = (): void => {
+    if (this.stopped) return;
+    const socket = this.socket;
+    this.halfCloseTimer = setTimeout(() => socket?.destroy(), this.deadlines.halfCloseMs);
+    this.halfCloseTimer.unref();
+  };
+
+  private expire(why: string): void {
+    if (this.stopped) return;
+    this.onExpired();
+    const socket = this.socket;
+    this.stop();
+    if (!socket || socket.destroyed) return;
+    socket.end(`421 4.4.2 ${this.hostname} ${why}, closing connection\r\n`);
+    setTimeout(() => socket.destroy(), 1000).unref();
+  }
 }
 
 /**
