@@ -13,11 +13,11 @@ const SCENARIOS = {
   2: "./scenarios/s2-latency.js",
   3: "./scenarios/s3-bulk.js",
   4: "./scenarios/s4-idle-sessions.js",
+  5: "./scenarios/s5-spool.js",
   7: "./scenarios/s7-tunnel.js",
 };
 const NOT_YET = {
   "4-spool": "1000 idle sessions in spool mode: not yet measurable, path not built",
-  5: "spool acceptance: not yet measurable, path not built",
   6: "outbound relay: not yet measurable, path not built",
 };
 

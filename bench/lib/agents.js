@@ -5,7 +5,6 @@ import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { freePort, memoryMiB, mustRun, spawnTool, waitFor } from "./proc.js";
-import { readBanner } from "./smtp-client.js";
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
 export const EDGE_CLI = join(ROOT, "packages/edge/dist/cli.js");
@@ -89,13 +88,8 @@ export async function startAgents({ inject, edge = {}, home = {}, nodeArgs = {},
       label: "home",
     },
   );
-  // Live once a session through the edge gets the sink's 220 (a 421 means no tunnel yet).
-  await waitFor(
-    "a live session through the tunnel",
-    async () => (await readBanner(smtpPort, { quit: true })).line.startsWith("220"),
-    20_000,
-    100,
-  );
+  // Live once the edge reports the home connected (a 220 alone proves nothing: the spool answers too).
+  await waitFor("the tunnel up", () => homeConnected(edgeDir), 20_000, 100);
   return {
     root,
     edgeDir,
@@ -120,6 +114,12 @@ export async function startAgents({ inject, edge = {}, home = {}, nodeArgs = {},
       return { edge: edgeProc.stderr.slice(-4000), home: homeProc.stderr.slice(-4000) };
     },
   };
+}
+
+/** The edge's own view: is the (single) paired home connected? */
+export async function homeConnected(edgeDir) {
+  const status = await mustRun(process.execPath, [EDGE_CLI, "status", "--json", "--dir", edgeDir]);
+  return JSON.parse(status.stdout).homes?.[0]?.connected === true;
 }
 
 function canConnect(port) {

@@ -35,9 +35,9 @@ export async function startSink({ backlog = 4096 } = {}) {
 }
 
 /** smtp-source: `sessions` parallel sessions, `messages` messages of `size` bytes; wall time and rate. */
-export async function smtpSource(port, { sessions, messages, size }) {
+export async function smtpSource(port, { sessions, messages, size, to = "user@bench.test" }) {
   const args = ["-s", String(sessions), "-m", String(messages), "-l", String(size)];
-  args.push("-f", "bench@client.test", "-t", "user@bench.test", `127.0.0.1:${port}`);
+  args.push("-f", "bench@client.test", "-t", to, `127.0.0.1:${port}`);
   const result = await runTool(SMTP_SOURCE, args);
   if (result.code !== 0) throw new Error(`smtp-source failed (${result.code}): ${result.stderr.slice(-500)}`);
   return { ms: result.ms, rate: messages / (result.ms / 1000), stderr: result.stderr };
