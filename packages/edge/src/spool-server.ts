@@ -4,13 +4,13 @@
 // (bare CR, bare LF, NUL), and `250` only after the file is durable.
 import { randomBytes } from "node:crypto";
 import type net from "node:net";
-import { Transform, type TransformCallback } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import {
   decodeKey,
   type EdgeConfig,
   KeyedRateLimiter,
   type Logger,
+  SmugglingGuard,
   SpoolFileWriter,
   SpoolSealer,
 } from "@mxtunnel/shared";
@@ -412,41 +412,5 @@ class SessionClock {
     if (!socket || socket.destroyed) return;
     socket.end(`421 4.4.2 ${this.hostname} ${why}, closing connection\r\n`);
     setTimeout(() => socket.destroy(), 1000).unref();
-  }
-}
-
-/**
- * Passes message bytes through and records the first bare CR, bare LF or NUL it sees: such a
- * message could be read as two by another MTA (SMTP smuggling) and is refused whole.
- */
-export class SmugglingGuard extends Transform {
-  violation: string | undefined;
-  private previous = 0;
-
-  override _transform(chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
-    if (!this.violation) {
-      for (let i = 0; i < chunk.length; i++) {
-        const byte = chunk[i]!;
-        if (byte === 0) {
-          this.violation = "NUL";
-          break;
-        }
-        if (byte === 0x0a && this.previous !== 0x0d) {
-          this.violation = "bare LF";
-          break;
-        }
-        if (this.previous === 0x0d && byte !== 0x0a) {
-          this.violation = "bare CR";
-          break;
-        }
-        this.previous = byte;
-      }
-    }
-    callback(null, chunk);
-  }
-
-  override _flush(callback: TransformCallback): void {
-    if (!this.violation && this.previous === 0x0d) this.violation = "bare CR";
-    callback();
   }
 }

@@ -17,6 +17,7 @@ import {
   type Logger,
   type MuxStream,
   ResetCode,
+  smugglingViolation,
   TokenBucket,
   writeFileAtomic,
 } from "@mxtunnel/shared";
@@ -218,6 +219,12 @@ export class RelayListener {
     for await (const chunk of stream) chunks.push(chunk as Buffer);
     if (stream.sizeExceeded) throw reply(552, "5.3.4", "message too big");
     const message = Buffer.concat(chunks);
+    const hazard = smugglingViolation(message);
+    if (hazard) {
+      this.counters.refused++;
+      this.options.logger.warn({ hazard }, "relay refused: SMTP smuggling guard");
+      throw reply(550, "5.6.0", `message refused: ${hazard} in message data`);
+    }
     const mailFrom = session.envelope.mailFrom ? session.envelope.mailFrom.address : "";
     const rcptTo = session.envelope.rcptTo.map((r: SMTPServerAddress) => ({
       address: r.address,
