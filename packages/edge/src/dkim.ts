@@ -57,10 +57,15 @@ export async function generateDkimKeys(
   const made: DkimRecordFile[] = [];
   for (const domain of domains) {
     if (existing.has(`${domain}.json`)) continue;
-    const { privateKey, publicKey } = generateKeyPairSync("rsa", { modulusLength: 2048 });
-    const p = publicKey.export({ type: "spki", format: "der" }).toString("base64");
+    // Encoded by the generator itself: on Node 20, exporting a freshly generated KeyObject can
+    // deadlock against the key-generation job's clean-up during GC (seen while benchmarking Noise).
+    const { privateKey: pem, publicKey: spki } = generateKeyPairSync("rsa", {
+      modulusLength: 2048,
+      publicKeyEncoding: { type: "spki", format: "der" },
+      privateKeyEncoding: { type: "pkcs8", format: "pem" },
+    });
+    const p = spki.toString("base64");
     const selector = dkimSelector(edgePublicKey, now);
-    const pem = privateKey.export({ type: "pkcs8", format: "pem" }).toString();
     await writeFileAtomic(join(dir, `${domain}.key`), pem, { mode: 0o600 });
     const record: DkimRecordFile = {
       domain,
