@@ -96,9 +96,12 @@ async function main(): Promise<void> {
 
   say("");
   say("What to try next:");
-  say(`  npm start -- --keep      keeps both agents running; then, in another shell:`);
-  say(`  swaks --server 127.0.0.1:${smtpPort} --to alice@demo.test --local-interface 127.0.0.3`);
-  say(`  npx mxtunnel-edge status --dir ${edgeDir}`);
+  if (keep) {
+    say(`  swaks --server 127.0.0.1:${smtpPort} --to alice@demo.test --local-interface 127.0.0.3`);
+    say(`  npx mxtunnel-edge status --dir ${edgeDir}`);
+  } else {
+    say("  npm start -- --keep      keeps both agents running, to try swaks and `mxtunnel-edge status`");
+  }
   say("  README.md: pairing real machines, Postfix configuration, the threat model");
 
   if (keep) {
