@@ -54,6 +54,7 @@ async function main(): Promise<void> {
 
   const homeConfig = await loadHomeConfigFrom(homeDir, {
     "postfix.inject": `127.0.0.1:${mailbox.port}`,
+    relayListen: `127.0.0.1:${await freePort()}`,
     allowPrivateClientIPs: true,
   });
   started = performance.now();

@@ -112,6 +112,8 @@ export async function startTestHome(
   mux?: { pingIntervalMs?: number; idleTimeoutMs?: number },
 ): Promise<TestHome> {
   const config = await loadHomeConfigFrom(dir, {
+    // Each test home gets its own relay port: the default 2525 would be shared by parallel tests.
+    relayListen: `127.0.0.1:${await freePort()}`,
     allowPrivateClientIPs: true,
     "reconnect.minDelay": 50,
     "reconnect.maxDelay": 200,
