@@ -34,10 +34,17 @@ export async function startSink({ backlog = 4096 } = {}) {
   return { port, proc, pid: proc.pid, stop: () => proc.stop() };
 }
 
-/** smtp-source: `sessions` parallel sessions, `messages` messages of `size` bytes; wall time and rate. */
-export async function smtpSource(port, { sessions, messages, size, to = "user@bench.test" }) {
+/**
+ * smtp-source: `sessions` parallel sessions, `messages` messages of `size` bytes; wall time and rate.
+ * Each message is its own TCP session (smtp-source's default).
+ */
+export async function smtpSource(
+  port,
+  { sessions, messages, size, to = "user@bench.test", from = "bench@client.test" },
+) {
+  // smtp-source writes its own header, with From: <sender> (the -f address), To, Date and a Message-Id.
   const args = ["-s", String(sessions), "-m", String(messages), "-l", String(size)];
-  args.push("-f", "bench@client.test", "-t", to, `127.0.0.1:${port}`);
+  args.push("-f", from, "-t", to, `127.0.0.1:${port}`);
   const result = await runTool(SMTP_SOURCE, args);
   if (result.code !== 0) throw new Error(`smtp-source failed (${result.code}): ${result.stderr.slice(-500)}`);
   return { ms: result.ms, rate: messages / (result.ms / 1000), stderr: result.stderr };

@@ -52,7 +52,9 @@ export async function run({ quick, runs, log }) {
   const sessions = 20;
   const size = 4096;
   const messages = quick ? 500 : 2000;
-  const filesystem = execFileSync("df", ["-T", tmpdir()], { encoding: "utf8" }).split("\n")[1]?.split(/\s+/)[1];
+  const filesystem = execFileSync("df", ["-T", tmpdir()], { encoding: "utf8" })
+    .split("\n")[1]
+    ?.split(/\s+/)[1];
   const anchorDir = await mkdtemp(join(tmpdir(), "mxt-fsync-"));
   const sink = await startSink();
   const postfix = await startPostfixLab();
@@ -75,7 +77,12 @@ export async function run({ quick, runs, log }) {
       const rep = {};
       rep.fsyncMs = await fsyncAnchor(anchorDir, 200);
       rep.sink = await smtpSource(sink.port, { sessions, messages, size });
-      rep.postfix = await smtpSource(postfix.info.smtpPort, { sessions, messages, size, to: `alice@${postfix.info.domain}` });
+      rep.postfix = await smtpSource(postfix.info.smtpPort, {
+        sessions,
+        messages,
+        size,
+        to: `alice@${postfix.info.domain}`,
+      });
       const c0 = cpuSnapshot({ edge: agents.edge.pid });
       rep.spool = await smtpSource(agents.smtpPort, { sessions, messages, size });
       rep.spool.cpuPerMsgMs = (cpuDelta(c0, cpuSnapshot({ edge: agents.edge.pid })).edge * 1000) / messages;
@@ -94,7 +101,9 @@ export async function run({ quick, runs, log }) {
     await waitFor("the spool to drain", async () => (await spoolSize(agents.edgeDir)) === 0, 600_000, 200);
     const drainMs = performance.now() - t0;
     await home.stop();
-    log(`  drain: ${waiting} messages in ${fmt(drainMs / 1000)} s = ${fmt(waiting / (drainMs / 1000))} msg/s`);
+    log(
+      `  drain: ${waiting} messages in ${fmt(drainMs / 1000)} s = ${fmt(waiting / (drainMs / 1000))} msg/s`,
+    );
     const spoolRate = median(reps.map((r) => r.spool.rate));
     return {
       filesystem,
@@ -107,7 +116,12 @@ export async function run({ quick, runs, log }) {
       postfixToSink: median(reps.map((r) => r.postfix.rate / r.sink.rate)),
       edgeCpuPerMsgMs: median(reps.map((r) => r.spool.cpuPerMsgMs)),
       drain: { messages: waiting, seconds: drainMs / 1000, rate: waiting / (drainMs / 1000) },
-      runs: reps.map((r) => ({ sink: r.sink.rate, postfix: r.postfix.rate, spool: r.spool.rate, fsyncMs: r.fsyncMs })),
+      runs: reps.map((r) => ({
+        sink: r.sink.rate,
+        postfix: r.postfix.rate,
+        spool: r.spool.rate,
+        fsyncMs: r.fsyncMs,
+      })),
     };
   } finally {
     await agents.stop();
