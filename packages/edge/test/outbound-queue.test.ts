@@ -260,7 +260,11 @@ describe("outbound queue", () => {
     const body = message();
     await h.relay(meta(body), body);
     await until(() => h.deliveries.length === 1, "first attempt");
-    await until(() => (h.queue.entriesList()[0]?.tries ?? 0) === 1, "state saved");
+    // tries counts up while the attempt is still active; wait for the attempt to finish and save.
+    await until(() => {
+      const row = h.queue.entriesList()[0];
+      return row?.tries === 1 && row.state !== "active";
+    }, "state saved");
     const row = h.queue.entriesList()[0]!;
     expect(row.state).toBe("deferred");
     expect(row.lastError).toBe("451 test reply");
