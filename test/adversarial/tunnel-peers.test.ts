@@ -10,7 +10,7 @@ import net from "node:net";
 import type { HomeState } from "@mxtunnel/home";
 import {
   CloseCode,
-  decodeFrame,
+  decodeMessage,
   encodeFrame,
   type Frame,
   Mux,
@@ -295,8 +295,7 @@ describe("credit abuse", () => {
     const { channel } = await rawTunnel(edge.url, evil);
     const opens: Frame[] = [];
     channel.on("message", (bytes: Uint8Array) => {
-      const frame = decodeFrame(bytes);
-      if (frame.type === "open") opens.push(frame);
+      for (const frame of decodeMessage(bytes)) if (frame.type === "open") opens.push(frame);
     });
     channel.send(encodeFrame({ type: "window", stream: 0, credit: 4 * 1024 * 1024 }));
     await waitFor(() => homeConnected(edge, "evil"), { what: "evil tunnel up" });

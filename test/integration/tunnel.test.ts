@@ -197,14 +197,14 @@ describe("hostile peers", () => {
 
   it("refuses a newer protocol version with a sentence naming both versions", async () => {
     const edge = await makeEdge();
-    const ws = new WebSocket(`${edge.url}${TUNNEL_PATH}`, ["mxtunnel.v2"]);
+    const ws = new WebSocket(`${edge.url}${TUNNEL_PATH}`, ["mxtunnel.v3"]);
     ws.on("error", () => {});
     const [, res] = (await once(ws, "unexpected-response")) as [unknown, import("node:http").IncomingMessage];
     let body = "";
     for await (const chunk of res) body += chunk;
     expect(res.statusCode).toBe(426);
-    expect(body).toContain("mxtunnel.v1");
     expect(body).toContain("mxtunnel.v2");
+    expect(body).toContain("mxtunnel.v3");
     expect(body).toMatch(/upgrade mxtunnel on the edge/);
   });
 
@@ -212,7 +212,7 @@ describe("hostile peers", () => {
     const server = net.createServer((socket) => {
       socket.once("data", () =>
         socket.end(
-          "HTTP/1.1 426 Upgrade Required\r\nx-mxtunnel-supported: mxtunnel.v2\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+          "HTTP/1.1 426 Upgrade Required\r\nx-mxtunnel-supported: mxtunnel.v3\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
         ),
       );
     });
@@ -222,7 +222,7 @@ describe("hostile peers", () => {
     server.close();
     expect(error).toMatchObject({ code: "VERSION_MISMATCH" });
     expect((error as Error).message).toBe(
-      "protocol version mismatch: this home speaks mxtunnel.v1, the edge speaks mxtunnel.v2; upgrade mxtunnel on the home",
+      "protocol version mismatch: this home speaks mxtunnel.v2, the edge speaks mxtunnel.v3; upgrade mxtunnel on the home",
     );
   });
 

@@ -11,8 +11,8 @@ import { Duplex } from "node:stream";
 import { ConfigError, MxtunnelError, ProtocolError } from "./errors.js";
 import { CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, type MessageTransport } from "./transport.js";
 import {
-  decodeFrame,
-  encodeDataHeader,
+  batchOverhead,
+  decodeMessage,
   encodeFrame,
   FRAME_HEADER_SIZE,
   type Frame,
@@ -20,6 +20,7 @@ import {
   MAX_CREDIT,
   MAX_DATA_PAYLOAD,
   MAX_RESET_REASON_SIZE,
+  MessageBuilder,
   ResetCode,
   type StreamKind,
 } from "./wire.js";
@@ -48,9 +49,12 @@ export interface MuxStats {
   transportBuffered: number;
   /** DATA received and not yet consumed by readers. */
   receiveBuffered: number;
-  /** Whole frames, headers included. */
+  /** Whole frames, headers included (not the BATCH envelopes around them). */
   bytesSent: number;
   bytesReceived: number;
+  /** Transport messages (one Noise transport message each): a bare frame or a BATCH of frames. */
+  messagesSent: number;
+  messagesReceived: number;
 }
 
 export interface MuxEvents {
@@ -69,11 +73,6 @@ const DEFAULTS = {
   idleTimeoutMs: 45_000,
 } as const;
 
-/**
- * DATA payloads from this size on go to the transport as a separate part after their header (see
- * MessageTransport.sendParts); smaller ones are cheaper to copy into one frame than to encrypt in two.
- */
-const SPLIT_DATA_FROM = 2048;
 /** Fallback re-check while waiting for "drain", for transports whose low-water mark is above our cap. */
 const BUFFERED_POLL_MS = 25;
 const MAX_PENDING_PINGS = 64;
@@ -233,6 +232,8 @@ class Engine {
   queuedBytes = 0;
   bytesSent = 0;
   bytesReceived = 0;
+  messagesSent = 0;
+  messagesReceived = 0;
 
   private readonly options: ResolvedOptions;
   private readonly streamGrantThreshold: number;
@@ -254,6 +255,12 @@ class Engine {
    * turn of the event loop produces goes out together (one socket write under a corking transport).
    */
   private urgent: Uint8Array[] = [];
+  /**
+   * The transport message a flush is filling: urgent frames first, then DATA/RESULT/END in the
+   * round-robin's order; it leaves when the next frame does not fit, at backpressure and at the end
+   * of the flush, so a flush costs one Noise message per ~64 KiB rather than one per frame.
+   */
+  private readonly message = new MessageBuilder();
   private flushImmediate: NodeJS.Immediate | undefined;
   private waitingForDrain = false;
   private drainPoll: NodeJS.Timeout | undefined;
@@ -326,6 +333,8 @@ class Engine {
       receiveBuffered: this.tunnelUnread,
       bytesSent: this.bytesSent,
       bytesReceived: this.bytesReceived,
+      messagesSent: this.messagesSent,
+      messagesReceived: this.messagesReceived,
     };
   }
 
@@ -446,21 +455,28 @@ class Engine {
   private readonly onMessage = (bytes: Uint8Array): void => {
     if (this.closed) return;
     this.lastReceivedAt = Date.now();
-    this.bytesReceived += bytes.byteLength;
-    let frame: Frame;
+    this.messagesReceived++;
+    let frames: Frame[];
     try {
-      frame = decodeFrame(bytes);
+      // The whole message first: a malformed BATCH is refused before any of its frames takes effect.
+      frames = decodeMessage(bytes);
     } catch (error) {
       if (!(error instanceof ProtocolError)) throw error;
       this.fail(error);
       return;
     }
-    try {
-      this.handle(frame);
-    } catch (error) {
-      // Only the peer's breaches close the tunnel; an application handler's own error propagates.
-      if (!(error instanceof PeerViolation)) throw error;
-      this.fail(error);
+    this.bytesReceived += bytes.byteLength - batchOverhead(bytes, frames.length);
+    for (const frame of frames) {
+      // A frame (or the application handling it) may have closed the tunnel: drop the rest.
+      if (this.closed) return;
+      try {
+        this.handle(frame);
+      } catch (error) {
+        // Only the peer's breaches close the tunnel; an application handler's own error propagates.
+        if (!(error instanceof PeerViolation)) throw error;
+        this.fail(error);
+        return;
+      }
     }
   };
 
@@ -731,25 +747,47 @@ class Engine {
     this.sendRaw(encodeFrame(frame));
   }
 
+  /** One frame as a message of its own, at once (only while no message is being filled). */
   private sendNow(bytes: Uint8Array): void {
     this.bytesSent += bytes.byteLength;
+    this.messagesSent++;
     this.transport.send(bytes);
   }
 
-  private sendData(stream: number, data: Uint8Array): void {
-    if (data.byteLength < SPLIT_DATA_FROM || !this.transport.sendParts) {
-      this.sendNow(encodeFrame({ type: "data", stream, data }));
-      return;
+  /** Adds a frame to the message being filled; a full message leaves first. */
+  private queueFrame(bytes: Uint8Array): void {
+    if (!this.message.add(bytes)) {
+      this.sendMessage();
+      // An empty message takes any frame the codec produced.
+      if (!this.message.add(bytes)) throw new Error(`a ${bytes.byteLength}-byte frame fits no message`);
     }
-    this.bytesSent += FRAME_HEADER_SIZE + data.byteLength;
-    this.transport.sendParts([encodeDataHeader(stream, data.byteLength), data]);
+    this.bytesSent += bytes.byteLength;
   }
 
-  private sendUrgent(): void {
+  /** DATA as header and payload parts: a transport with sendParts encrypts the payload in place. */
+  private queueData(stream: number, data: Uint8Array): void {
+    if (!this.message.addData(stream, data)) {
+      this.sendMessage();
+      if (!this.message.addData(stream, data))
+        throw new Error(`${data.byteLength} DATA bytes fit no message`);
+    }
+    this.bytesSent += FRAME_HEADER_SIZE + data.byteLength;
+  }
+
+  private sendMessage(): void {
+    const parts = this.message.take();
+    if (parts.length === 0) return;
+    this.messagesSent++;
+    if (parts.length === 1) this.transport.send(parts[0]!);
+    else if (this.transport.sendParts) this.transport.sendParts(parts);
+    else this.transport.send(Buffer.concat(parts));
+  }
+
+  private queueUrgent(): void {
     if (this.urgent.length === 0) return;
     const frames = this.urgent;
     this.urgent = [];
-    for (const bytes of frames) this.sendNow(bytes);
+    for (const bytes of frames) this.queueFrame(bytes);
   }
 
   private releaseResults(state: StreamState, all: boolean): void {
@@ -780,15 +818,23 @@ class Engine {
     this.flushImmediate = setImmediate(this.flush);
   }
 
-  /** Urgent frames first, then one DATA/RESULT/END per stream per turn, round-robin, while the transport has room. */
+  /**
+   * Urgent frames first, then one DATA/RESULT/END per stream per turn, round-robin, while the transport
+   * has room; all of it packed into as few messages as fit (see `message`).
+   */
   private readonly flush = (): void => {
     this.flushImmediate = undefined;
     if (this.closed) return;
-    this.sendUrgent();
-    if (this.waitingForDrain) return;
+    this.queueUrgent();
+    if (this.waitingForDrain) {
+      this.sendMessage();
+      return;
+    }
     const callbacks: WriteCallback[] = [];
     while (this.ready.length > 0) {
-      if (this.transport.bufferedAmount > this.options.maxBufferedAmount) {
+      // The message being filled counts as buffered: it is already the transport's.
+      if (this.transport.bufferedAmount + this.message.size > this.options.maxBufferedAmount) {
+        this.sendMessage();
         this.waitForDrain();
         break;
       }
@@ -808,7 +854,7 @@ class Engine {
           this.acceptImplicitly(state);
           const size = Math.min(remaining, MAX_DATA_PAYLOAD, state.sendCredit, this.tunnelSendCredit);
           const data = item.chunk.subarray(item.offset, item.offset + size);
-          this.sendData(state.id, data);
+          this.queueData(state.id, data);
           item.offset += size;
           state.sendCredit -= size;
           this.tunnelSendCredit -= size;
@@ -824,11 +870,11 @@ class Engine {
       } else if (item.kind === "result") {
         this.acceptImplicitly(state);
         state.out.shift();
-        this.sendNow(item.frame);
+        this.queueFrame(item.frame);
       } else {
         this.acceptImplicitly(state);
         state.out.shift();
-        this.sendNow(encodeFrame({ type: "end", stream: state.id }));
+        this.queueFrame(encodeFrame({ type: "end", stream: state.id }));
         state.endSent = true;
         callbacks.push(item.callback);
         this.maybeForget(state);
@@ -838,6 +884,7 @@ class Engine {
         this.ready.push(state);
       }
     }
+    this.sendMessage();
     // Callbacks run application code (more writes, 'drain', 'finish'): only after the loop.
     for (const callback of callbacks) callback();
   };
@@ -846,7 +893,7 @@ class Engine {
   private acceptImplicitly(state: StreamState): void {
     if (state.local || state.accepted) return;
     state.accepted = true;
-    this.sendNow(encodeFrame({ type: "accept", stream: state.id }));
+    this.queueFrame(encodeFrame({ type: "accept", stream: state.id }));
   }
 
   private waitForDrain(): void {
@@ -928,7 +975,10 @@ class Engine {
   private shutdown(error: Error | undefined, closeTransport?: { code: number; reason: string }): void {
     if (this.closed) return;
     // A RESET or CONTROL queued just before close() still reaches the peer ahead of the close.
-    if (closeTransport && !this.transport.closed) this.sendUrgent();
+    if (closeTransport && !this.transport.closed) {
+      this.queueUrgent();
+      this.sendMessage();
+    }
     this.closed = true;
     clearInterval(this.pingTimer);
     clearTimeout(this.idleTimer);
@@ -945,6 +995,7 @@ class Engine {
     this.streams.clear();
     this.ready.drain();
     this.urgent = [];
+    this.message.take();
     this.tunnelBlocked = [];
     if (closeTransport) this.transport.close(closeTransport.code, closeTransport.reason);
     if (error) this.mux.emit("close", error);

@@ -1,8 +1,9 @@
 // Protocol identity: what goes on the WebSocket handshake and into Noise prologues.
 // A change to the wire format bumps PROTOCOL_VERSION; the edge and home refuse each other with a
 // sentence naming both versions instead of failing handshakes in a loop.
+// v2: several frames per Noise transport message (BATCH, see wire.ts) and a 1 MiB implicit stream credit.
 
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 export const SUBPROTOCOL = `mxtunnel.v${PROTOCOL_VERSION}`;
 export const TUNNEL_PATH = "/tunnel";
 export const PAIR_PATH = "/pair";

@@ -1,11 +1,23 @@
 // The tunnel's frame format: the one module that turns typed frames into bytes and back.
 // Every frame is `type u8 | stream id u32 BE | body`; all limits are checked here, where bytes are
 // parsed, so the multiplexer and the agents only ever see well-formed, typed frames.
+//
+// One Noise transport message (protocol v2) carries either one bare frame or a BATCH of frames:
+// `0x0b | stream 0 u32 | (length u16 BE | frame)+`, at most MAX_MESSAGE_SIZE bytes in all, so a turn's
+// frames cost one cipher and one WebSocket frame instead of one each. A bare frame keeps the full
+// MAX_FRAME_SIZE (a full-size DATA frame fills a message on its own).
 import { ProtocolError } from "./errors.js";
 
 /** A Noise transport message is at most 65535 bytes including its 16-byte tag. */
 export const MAX_FRAME_SIZE = 65519;
 export const FRAME_HEADER_SIZE = 5;
+/** The plaintext of one Noise transport message: one bare frame or one BATCH. */
+export const MAX_MESSAGE_SIZE = MAX_FRAME_SIZE;
+/** A BATCH starts with a frame header (type 0x0b, stream 0); each frame in it is preceded by a u16 length. */
+export const BATCH_HEADER_SIZE = FRAME_HEADER_SIZE;
+export const BATCH_LENGTH_SIZE = 2;
+/** The largest frame a BATCH can hold (alone in it); a larger one travels bare. */
+export const MAX_BATCHED_FRAME = MAX_MESSAGE_SIZE - BATCH_HEADER_SIZE - BATCH_LENGTH_SIZE;
 export const MAX_DATA_PAYLOAD = MAX_FRAME_SIZE - FRAME_HEADER_SIZE;
 export const MAX_META_SIZE = 8192;
 export const MAX_RESET_REASON_SIZE = 1024;
@@ -69,6 +81,9 @@ const TYPE_NAME: readonly (Frame["type"] | undefined)[] = [
   "pong",
   "control",
 ];
+
+/** Not a Frame: the envelope of several frames in one message; never nested. */
+const BATCH_TYPE_ID = 0x0b;
 
 const KIND_ID = { forward: 1, spool: 2, relay: 3, sync: 4 } as const satisfies Record<StreamKind, number>;
 const KIND_NAME: readonly (StreamKind | undefined)[] = [undefined, "forward", "spool", "relay", "sync"];
@@ -214,6 +229,9 @@ export function decodeFrame(bytes: Uint8Array): Frame {
   }
   const typeId = bytes[0]!;
   const type = TYPE_NAME[typeId];
+  if (typeId === BATCH_TYPE_ID) {
+    throw new ProtocolError("FRAME_MALFORMED", "a BATCH is not a frame: it is never nested in a BATCH");
+  }
   if (type === undefined) {
     throw new ProtocolError(
       "FRAME_UNKNOWN_TYPE",
@@ -289,6 +307,182 @@ export function decodeFrame(bytes: Uint8Array): Frame {
     }
   }
 }
+
+/**
+ * Decodes the plaintext of one transport message: a bare frame or a BATCH, into its frames in order.
+ * The whole message is decoded before any frame is returned, so a malformed BATCH is refused as a
+ * whole. DATA payloads are views into `bytes`.
+ */
+export function decodeMessage(bytes: Uint8Array): Frame[] {
+  if (bytes.byteLength === 0 || bytes[0] !== BATCH_TYPE_ID) return [decodeFrame(bytes)];
+  if (bytes.byteLength > MAX_MESSAGE_SIZE) {
+    throw new ProtocolError(
+      "FRAME_TOO_LARGE",
+      `a ${bytes.byteLength}-byte BATCH exceeds the ${MAX_MESSAGE_SIZE}-byte limit`,
+    );
+  }
+  if (bytes.byteLength < BATCH_HEADER_SIZE) {
+    throw new ProtocolError("FRAME_MALFORMED", `a BATCH header is ${BATCH_HEADER_SIZE} bytes (truncated)`);
+  }
+  const stream = readU32(bytes, 1);
+  if (stream !== 0) {
+    throw new ProtocolError("FRAME_MALFORMED", `a BATCH belongs to stream 0, not stream ${stream}`);
+  }
+  if (bytes.byteLength === BATCH_HEADER_SIZE) {
+    throw new ProtocolError("FRAME_MALFORMED", "an empty BATCH: a BATCH carries at least one frame");
+  }
+  const frames: Frame[] = [];
+  let offset = BATCH_HEADER_SIZE;
+  while (offset < bytes.byteLength) {
+    const index = frames.length + 1;
+    if (offset + BATCH_LENGTH_SIZE > bytes.byteLength) {
+      throw new ProtocolError("FRAME_MALFORMED", `BATCH frame ${index}: its length is truncated`);
+    }
+    const length = (bytes[offset]! << 8) | bytes[offset + 1]!;
+    offset += BATCH_LENGTH_SIZE;
+    if (length > MAX_BATCHED_FRAME) {
+      throw new ProtocolError(
+        "FRAME_TOO_LARGE",
+        `BATCH frame ${index} is ${length} bytes; a batched frame is at most ${MAX_BATCHED_FRAME}`,
+      );
+    }
+    if (offset + length > bytes.byteLength) {
+      throw new ProtocolError(
+        "FRAME_MALFORMED",
+        `BATCH frame ${index} claims ${length} bytes; ${bytes.byteLength - offset} remain (truncated)`,
+      );
+    }
+    frames.push(decodeFrame(bytes.subarray(offset, offset + length)));
+    offset += length;
+  }
+  return frames;
+}
+
+/** Bytes of a decoded message that were BATCH header and lengths rather than frames. */
+export function batchOverhead(message: Uint8Array, frameCount: number): number {
+  return message[0] === BATCH_TYPE_ID ? BATCH_HEADER_SIZE + BATCH_LENGTH_SIZE * frameCount : 0;
+}
+
+/** Joins encoded frames into one message: a lone frame stays bare, several become a BATCH. */
+export function encodeMessage(frames: readonly Uint8Array[]): Uint8Array {
+  if (frames.length === 0) throw new ProtocolError("FRAME_MALFORMED", "a message carries at least one frame");
+  const builder = new MessageBuilder();
+  for (const frame of frames) {
+    if (frame.byteLength < FRAME_HEADER_SIZE) {
+      throw new ProtocolError(
+        "FRAME_MALFORMED",
+        `a ${frame.byteLength}-byte frame is shorter than its header`,
+      );
+    }
+    if (!builder.add(frame)) {
+      throw new ProtocolError(
+        "FRAME_TOO_LARGE",
+        `${frames.length} frames of ${frames.map((f) => f.byteLength).join(", ")} bytes do not fit one ${MAX_MESSAGE_SIZE}-byte message`,
+      );
+    }
+  }
+  return Buffer.concat(builder.take());
+}
+
+/**
+ * Fills one transport message with frames (see the module comment). Small frames are copied into one
+ * buffer when the message is taken; DATA payloads of SPLIT_PART_FROM bytes or more stay separate parts,
+ * for a transport whose sendParts encrypts part after part without joining them.
+ */
+export class MessageBuilder {
+  /** Each frame as the parts it was handed in (a DATA header and payload are two). */
+  #frames: Uint8Array[][] = [];
+  /** Size of the message if taken now as a BATCH (header and length prefixes included). */
+  #batchSize = BATCH_HEADER_SIZE;
+
+  get frameCount(): number {
+    return this.#frames.length;
+  }
+
+  /** Bytes the message would take if taken now (0 when empty). */
+  get size(): number {
+    if (this.#frames.length === 0) return 0;
+    if (this.#frames.length === 1) return this.#batchSize - BATCH_HEADER_SIZE - BATCH_LENGTH_SIZE;
+    return this.#batchSize;
+  }
+
+  /** The largest frame `add` accepts now: anything up to MAX_FRAME_SIZE while empty. */
+  get room(): number {
+    if (this.#frames.length === 0) return MAX_FRAME_SIZE;
+    return Math.max(0, MAX_MESSAGE_SIZE - this.#batchSize - BATCH_LENGTH_SIZE);
+  }
+
+  /** Adds one encoded frame; false (and nothing added) when it does not fit. */
+  add(frame: Uint8Array): boolean {
+    return this.#push([frame], frame.byteLength);
+  }
+
+  /** Adds DATA as header and payload without copying the payload; false when it does not fit. */
+  addData(stream: number, payload: Uint8Array): boolean {
+    const size = FRAME_HEADER_SIZE + payload.byteLength;
+    if (size > this.room) return false;
+    return this.#push([encodeDataHeader(stream, payload.byteLength), payload], size);
+  }
+
+  #push(parts: Uint8Array[], size: number): boolean {
+    if (size < FRAME_HEADER_SIZE || size > this.room) return false;
+    this.#frames.push(parts);
+    this.#batchSize += BATCH_LENGTH_SIZE + size;
+    return true;
+  }
+
+  /** The message as parts to send in order, and an empty builder; [] when nothing was added. */
+  take(): Uint8Array[] {
+    const frames = this.#frames;
+    const batchSize = this.#batchSize;
+    this.#frames = [];
+    this.#batchSize = BATCH_HEADER_SIZE;
+    if (frames.length === 0) return [];
+    if (frames.length === 1) {
+      const parts = frames[0]!;
+      // A lone small DATA frame is cheaper joined than encrypted as two parts.
+      return parts.length > 1 && parts[1]!.byteLength < SPLIT_PART_FROM ? [Buffer.concat(parts)] : parts;
+    }
+    let copied = BATCH_HEADER_SIZE + BATCH_LENGTH_SIZE * frames.length;
+    for (const parts of frames) {
+      for (const part of parts) if (part.byteLength < SPLIT_PART_FROM) copied += part.byteLength;
+    }
+    const buffer = Buffer.allocUnsafe(copied);
+    buffer[0] = BATCH_TYPE_ID;
+    writeU32(buffer, 1, 0);
+    const out: Uint8Array[] = [];
+    let start = 0;
+    let offset = BATCH_HEADER_SIZE;
+    for (const parts of frames) {
+      let length = 0;
+      for (const part of parts) length += part.byteLength;
+      buffer[offset] = length >>> 8;
+      buffer[offset + 1] = length & 0xff;
+      offset += BATCH_LENGTH_SIZE;
+      for (const part of parts) {
+        if (part.byteLength < SPLIT_PART_FROM) {
+          buffer.set(part, offset);
+          offset += part.byteLength;
+        } else {
+          if (offset > start) out.push(buffer.subarray(start, offset));
+          out.push(part);
+          start = offset;
+        }
+      }
+    }
+    if (offset > start) out.push(buffer.subarray(start, offset));
+    if (offset !== copied || batchSize > MAX_MESSAGE_SIZE) {
+      throw new Error(`MessageBuilder accounting is off (${offset}/${copied}, ${batchSize})`);
+    }
+    return out;
+  }
+}
+
+/**
+ * Parts from this size on stay separate when a BATCH is taken; smaller ones are cheaper to copy than to
+ * encrypt as parts of their own.
+ */
+const SPLIT_PART_FROM = 2048;
 
 function header(typeId: number, stream: number, bodySize: number): Uint8Array {
   const bytes = new Uint8Array(FRAME_HEADER_SIZE + bodySize);

@@ -3,7 +3,8 @@
 //
 // Every message sent within one tick leaves in a single socket write: the first send of a tick corks
 // the TCP socket and a process.nextTick uncorks it. ws corks only around one frame's header and
-// payload, so without this each Noise message (one per mux frame) cost its own writev syscall.
+// payload, so without this each Noise message (one per mux flush since v2 batching, more under
+// backpressure or past 64 KiB) would cost its own writev syscall.
 import { EventEmitter } from "node:events";
 import type { Socket } from "node:net";
 import type WebSocket from "ws";

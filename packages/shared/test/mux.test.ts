@@ -11,12 +11,14 @@ import {
   type MemoryTransport,
 } from "../src/transport.js";
 import {
-  decodeFrame,
+  decodeMessage,
   encodeFrame,
+  encodeMessage,
   type Frame,
   INITIAL_STREAM_CREDIT,
   MAX_DATA_PAYLOAD,
   MAX_FRAME_SIZE,
+  MAX_MESSAGE_SIZE,
   ResetCode,
 } from "../src/wire.js";
 
@@ -46,7 +48,7 @@ function rawPeer(options: Partial<MuxOptions> = {}) {
   const [muxTransport, raw] = createMemoryTransportPair();
   const mux = track(new Mux(muxTransport, { role: "home", ...QUIET, ...options }));
   const received: Frame[] = [];
-  raw.on("message", (bytes) => received.push(decodeFrame(bytes)));
+  raw.on("message", (bytes) => received.push(...decodeMessage(bytes)));
   const send = (frame: Frame) => raw.send(encodeFrame(frame));
   return { mux, raw, received, send };
 }
@@ -56,7 +58,7 @@ function tapSends(transport: MemoryTransport): Frame[] {
   const frames: Frame[] = [];
   const send = transport.send.bind(transport);
   transport.send = (message: Uint8Array) => {
-    frames.push(decodeFrame(message));
+    frames.push(...decodeMessage(message));
     send(message);
   };
   return frames;
@@ -466,8 +468,9 @@ describe("fairness", () => {
     // Let the bulk stream fill the transport to its cap at least once.
     let bulkFramesReceived = 0;
     edgeTransport.on("message", (bytes) => {
-      const frame = decodeFrame(bytes);
-      if (frame.type === "data" && frame.stream === bulk.id) bulkFramesReceived++;
+      for (const frame of decodeMessage(bytes)) {
+        if (frame.type === "data" && frame.stream === bulk.id) bulkFramesReceived++;
+      }
     });
     await whenAfterMessages(edgeTransport, () => bulkFramesReceived >= 40);
     expect(home.stats().queuedBytes).toBeGreaterThan(16 * MiB);
@@ -607,7 +610,7 @@ describe("protocol violations close the tunnel", () => {
   it("an unknown frame type: FRAME_UNKNOWN_TYPE", async () => {
     const peer = rawPeer();
     await expectTunnelFailure(peer, "FRAME_UNKNOWN_TYPE", () => {
-      peer.raw.send(new Uint8Array([0x0b, 0, 0, 0, 0]));
+      peer.raw.send(new Uint8Array([0x0c, 0, 0, 0, 0]));
     });
   });
 
@@ -728,7 +731,7 @@ describe("batching", () => {
     const events: string[] = [];
     const send = homeTransport.send.bind(homeTransport);
     homeTransport.send = (message: Uint8Array) => {
-      events.push(decodeFrame(message).type);
+      events.push(...decodeMessage(message).map((frame) => frame.type));
       send(message);
     };
     const close = homeTransport.close.bind(homeTransport);
@@ -757,6 +760,124 @@ describe("batching", () => {
     expect((await collect(await incoming)).equals(payload)).toBe(true);
     expect(parts).toContainEqual([5, MAX_DATA_PAYLOAD]);
     expect(parts.every(([header]) => header === 5)).toBe(true);
+  });
+
+  it("packs what one flush produces into one transport message: control first, then DATA round-robin", async () => {
+    const { home, edge, homeTransport, edgeTransport } = pair();
+    edge.on("stream", (stream) => stream.resume());
+    await once(homeTransport, "message"); // the edge's tunnel credit
+    const messages: Frame[][] = [];
+    const send = homeTransport.send.bind(homeTransport);
+    homeTransport.send = (message: Uint8Array) => {
+      messages.push(decodeMessage(message));
+      send(message);
+    };
+    const streams = Array.from({ length: 20 }, (_, n) => home.open("forward", { n }));
+    for (const stream of streams) stream.write(Buffer.alloc(2 * KiB, 1));
+    home.sendControl({ type: "note" });
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(messages).toHaveLength(1);
+    const types = messages[0]!.map((frame) => frame.type);
+    expect(types).toEqual([...Array(20).fill("open"), "control", ...Array(20).fill("data")]);
+    const dataStreams = messages[0]!.flatMap((frame) => (frame.type === "data" ? [frame.stream] : []));
+    expect(dataStreams).toEqual(streams.map((stream) => stream.id));
+    await whenAfterMessages(edgeTransport, () => edge.stats().messagesReceived >= home.stats().messagesSent);
+    expect(edge.stats().bytesReceived).toBe(home.stats().bytesSent);
+  });
+
+  it("fills each message up to MAX_MESSAGE_SIZE and starts another; a full-size DATA goes alone", async () => {
+    const { home, edge, homeTransport, edgeTransport } = pair();
+    const sizes: number[] = [];
+    const frameCounts: number[] = [];
+    const send = homeTransport.send.bind(homeTransport);
+    homeTransport.send = (message: Uint8Array) => {
+      sizes.push(message.byteLength);
+      frameCounts.push(decodeMessage(message).length);
+      send(message);
+    };
+    const received = new Map<number, Promise<Buffer>>();
+    edge.on("stream", (stream) => received.set(stream.id, collect(stream)));
+    const payloads = Array.from({ length: 30 }, (_, n) => randomBytes(10 * KiB + n));
+    const streams = payloads.map((payload) => {
+      const stream = failOnError(home.open("spool", {}));
+      stream.end(payload);
+      return stream;
+    });
+    const bulk = failOnError(home.open("spool", {}));
+    const bulkPayload = randomBytes(2 * MAX_DATA_PAYLOAD);
+    bulk.end(bulkPayload);
+    await Promise.all([...streams, bulk].map((stream) => once(stream, "finish")));
+    await whenAfterMessages(edgeTransport, () => received.size === 31);
+    for (const [i, stream] of streams.entries()) {
+      expect((await received.get(stream.id)!).equals(payloads[i]!)).toBe(true);
+    }
+    expect((await received.get(bulk.id)!).equals(bulkPayload)).toBe(true);
+    expect(Math.max(...sizes)).toBeLessThanOrEqual(MAX_MESSAGE_SIZE);
+    // 300 KiB of small writes plus OPEN/END frames: a handful of messages, not a hundred.
+    expect(sizes.length).toBeLessThan(15);
+    expect(frameCounts.some((count) => count > 5)).toBe(true);
+    const alone = sizes.filter((size, i) => size === MAX_FRAME_SIZE && frameCounts[i] === 1);
+    expect(alone).toHaveLength(2);
+    expect(home.stats().messagesSent).toBe(sizes.length + 1); // and the tunnel credit, sent at once
+  });
+
+  it("a malformed frame inside a BATCH closes the tunnel before any frame of it takes effect", async () => {
+    const peer = rawPeer();
+    const opened: MuxStream[] = [];
+    peer.mux.on("stream", (stream) => opened.push(stream));
+    const protocolError = once(peer.mux, "protocolError");
+    peer.raw.send(
+      encodeMessage([
+        encodeFrame({ type: "open", stream: 2, kind: "forward", meta: {} }),
+        Uint8Array.of(0x04, 0, 0, 0, 2, 0, 0, 0, 0), // WINDOW with credit 0
+      ]),
+    );
+    const [error] = await protocolError;
+    expect((error as ProtocolError).code).toBe("FRAME_MALFORMED");
+    expect(opened).toEqual([]);
+    expect(await once(peer.raw, "close")).toEqual([CLOSE_PROTOCOL_ERROR, "FRAME_MALFORMED"]);
+  });
+
+  it("a breach inside a BATCH closes the tunnel and the frames after it are not handled", async () => {
+    const peer = rawPeer();
+    peer.mux.on("stream", () => {});
+    const protocolError = once(peer.mux, "protocolError");
+    peer.raw.send(
+      encodeMessage([
+        encodeFrame({ type: "open", stream: 2, kind: "forward", meta: {} }),
+        encodeFrame({ type: "open", stream: 2, kind: "forward", meta: {} }),
+        encodeFrame({ type: "ping", payload: new Uint8Array(8) }),
+      ]),
+    );
+    const [error] = await protocolError;
+    expect((error as ProtocolError).code).toBe("STREAM_ID_REUSED");
+    await once(peer.raw, "close");
+    expect(peer.received.some((frame) => frame.type === "pong")).toBe(false);
+  });
+
+  it("handles every frame of a BATCH in order, as if each had come alone", async () => {
+    const peer = rawPeer();
+    const events: string[] = [];
+    peer.mux.on("stream", (stream) => {
+      events.push(`stream ${stream.id}`);
+      stream.on("data", (chunk: Buffer) => events.push(`data ${chunk}`));
+      stream.on("end", () => events.push("end"));
+    });
+    peer.mux.on("control", (message) => events.push(`control ${String(message.n)}`));
+    const frames = [
+      encodeFrame({ type: "control", message: { n: 1 } }),
+      encodeFrame({ type: "open", stream: 2, kind: "forward", meta: {} }),
+      encodeFrame({ type: "data", stream: 2, data: Buffer.from("a") }),
+      encodeFrame({ type: "data", stream: 2, data: Buffer.from("b") }),
+      encodeFrame({ type: "end", stream: 2 }),
+      encodeFrame({ type: "ping", payload: new Uint8Array(8).fill(3) }),
+    ];
+    peer.raw.send(encodeMessage(frames));
+    await whenAfterMessages(peer.raw, () => peer.received.some((f) => f.type === "pong"));
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(events).toEqual(["control 1", "stream 2", "data a", "data b", "end"]);
+    expect(peer.mux.stats().messagesReceived).toBe(1);
+    expect(peer.mux.stats().bytesReceived).toBe(frames.reduce((sum, frame) => sum + frame.byteLength, 0));
   });
 });
 
@@ -796,7 +917,7 @@ describe("liveness and closing", () => {
     const { home, edge, edgeTransport } = pair(options, options);
     let pings = 0;
     edgeTransport.on("message", (bytes) => {
-      if (decodeFrame(bytes).type === "ping") pings++;
+      for (const frame of decodeMessage(bytes)) if (frame.type === "ping") pings++;
     });
     // Twenty pings span about 500 ms, well past the 300 ms idle limit.
     await whenAfterMessages(edgeTransport, () => pings >= 20);

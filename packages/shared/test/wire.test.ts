@@ -1,14 +1,22 @@
 import { describe, expect, it } from "vitest";
 import { type ErrorCode, ProtocolError } from "../src/errors.js";
 import {
+  BATCH_HEADER_SIZE,
+  BATCH_LENGTH_SIZE,
+  batchOverhead,
   decodeFrame,
+  decodeMessage,
   encodeDataHeader,
   encodeFrame,
+  encodeMessage,
   FRAME_HEADER_SIZE,
   type Frame,
+  MAX_BATCHED_FRAME,
   MAX_DATA_PAYLOAD,
   MAX_FRAME_SIZE,
+  MAX_MESSAGE_SIZE,
   MAX_META_SIZE,
+  MessageBuilder,
   ResetCode,
 } from "../src/wire.js";
 
@@ -143,7 +151,8 @@ describe("decodeFrame", () => {
     ["a lone type byte", "01", "FRAME_MALFORMED"],
     ["a truncated header", "03 000000", "FRAME_MALFORMED"],
     ["type 0x00", "00 00000001", "FRAME_UNKNOWN_TYPE"],
-    ["type 0x0b", "0b 00000000", "FRAME_UNKNOWN_TYPE"],
+    ["type 0x0c", "0c 00000000", "FRAME_UNKNOWN_TYPE"],
+    ["a BATCH where a frame belongs", "0b 00000000 0005 0200000001", "FRAME_MALFORMED"],
     ["type 0xff", "ff 00000001 00", "FRAME_UNKNOWN_TYPE"],
     ["OPEN without a kind", "01 00000001", "FRAME_MALFORMED"],
     ["OPEN with kind 0", "01 00000001 00 7b7d", "FRAME_MALFORMED"],
@@ -312,5 +321,136 @@ describe("encodeDataHeader", () => {
     expectCode(() => encodeDataHeader(1, MAX_DATA_PAYLOAD + 1), "FRAME_TOO_LARGE");
     expectCode(() => encodeDataHeader(0, 1), "FRAME_MALFORMED");
     expectCode(() => encodeDataHeader(2 ** 32, 1), "FRAME_MALFORMED");
+  });
+});
+
+describe("messages (a bare frame or a BATCH)", () => {
+  const accept = "02 00000001";
+  const window0 = "04 00000000 00400000";
+  const data = "03 00000002 68656c6c6f";
+
+  it("fixes the BATCH constants", () => {
+    expect(MAX_MESSAGE_SIZE).toBe(65519);
+    expect(BATCH_HEADER_SIZE).toBe(5);
+    expect(BATCH_LENGTH_SIZE).toBe(2);
+    expect(MAX_BATCHED_FRAME).toBe(65512);
+  });
+
+  it("encodes one frame bare and several as a BATCH with u16 lengths, in order", () => {
+    expect(toHex(encodeMessage([fromHex(accept)]))).toBe(accept.replaceAll(" ", ""));
+    const hex = `0b 00000000 0005 ${accept} 0009 ${window0} 000a ${data}`.replaceAll(" ", "");
+    expect(toHex(encodeMessage([fromHex(accept), fromHex(window0), fromHex(data)]))).toBe(hex);
+  });
+
+  it("decodes a bare frame and a BATCH into frames, DATA as views into the message", () => {
+    expect(decodeMessage(fromHex(window0))).toEqual([{ type: "window", stream: 0, credit: 0x400000 }]);
+    const message = fromHex(`0b 00000000 0005 ${accept} 000a ${data} 0005 ${accept}`);
+    const frames = decodeMessage(message);
+    expect(frames).toEqual([
+      { type: "accept", stream: 1 },
+      { type: "data", stream: 2, data: Uint8Array.from(Buffer.from("hello")) },
+      { type: "accept", stream: 1 },
+    ]);
+    expect((frames[1] as { data: Uint8Array }).data.buffer).toBe(message.buffer);
+    expect(batchOverhead(message, 3)).toBe(5 + 3 * 2);
+    expect(batchOverhead(fromHex(window0), 1)).toBe(0);
+  });
+
+  it("accepts a BATCH of one frame and one of exactly MAX_MESSAGE_SIZE bytes", () => {
+    expect(decodeMessage(fromHex(`0b 00000000 0005 ${accept}`))).toEqual([{ type: "accept", stream: 1 }]);
+    const big = new Uint8Array(MAX_BATCHED_FRAME - FRAME_HEADER_SIZE).fill(1);
+    const message = encodeMessage([encodeFrame({ type: "data", stream: 3, data: big })]);
+    expect(message.byteLength).toBe(MAX_BATCHED_FRAME); // alone: bare
+    const full = encodeMessage([
+      fromHex(accept),
+      encodeFrame({ type: "data", stream: 3, data: big.subarray(0, MAX_MESSAGE_SIZE - 5 - 2 - 5 - 2 - 5) }),
+    ]);
+    expect(full.byteLength).toBe(MAX_MESSAGE_SIZE);
+    expect(decodeMessage(full)).toHaveLength(2);
+  });
+
+  const malformed: [string, string, ErrorCode][] = [
+    ["an empty message", "", "FRAME_MALFORMED"],
+    ["an empty BATCH", "0b 00000000", "FRAME_MALFORMED"],
+    ["a truncated BATCH header", "0b 0000", "FRAME_MALFORMED"],
+    ["a BATCH on stream 1", `0b 00000001 0005 ${accept}`, "FRAME_MALFORMED"],
+    ["a truncated length", `0b 00000000 0005 ${accept} 00`, "FRAME_MALFORMED"],
+    ["a length past the end", `0b 00000000 0006 ${accept}`, "FRAME_MALFORMED"],
+    ["a zero length", `0b 00000000 0000 0005 ${accept}`, "FRAME_MALFORMED"],
+    ["a frame shorter than its header", `0b 00000000 0003 020000`, "FRAME_MALFORMED"],
+    ["a nested BATCH", `0b 00000000 000c 0b00000000 0005 ${accept}`, "FRAME_MALFORMED"],
+    ["a malformed frame after good ones", `0b 00000000 0005 ${accept} 0005 02 00000000`, "FRAME_MALFORMED"],
+    ["an unknown frame type inside", `0b 00000000 0005 ${accept} 0005 7f 00000000`, "FRAME_UNKNOWN_TYPE"],
+    ["a frame over the batched maximum", `0b 00000000 fff0 ${accept}`, "FRAME_TOO_LARGE"],
+  ];
+  for (const [name, hex, code] of malformed) {
+    it(`refuses ${name} with ${code}`, () => {
+      expectCode(() => decodeMessage(fromHex(hex)), code);
+    });
+  }
+
+  it("refuses a BATCH over MAX_MESSAGE_SIZE with FRAME_TOO_LARGE", () => {
+    const bytes = new Uint8Array(MAX_MESSAGE_SIZE + 1);
+    bytes.set(fromHex(`0b 00000000 0005 ${accept}`));
+    expectCode(() => decodeMessage(bytes), "FRAME_TOO_LARGE");
+  });
+
+  it("refuses to encode frames that do not fit one message", () => {
+    expectCode(() => encodeMessage([]), "FRAME_MALFORMED");
+    const big = encodeFrame({ type: "data", stream: 1, data: new Uint8Array(40_000) });
+    expectCode(() => encodeMessage([big, big]), "FRAME_TOO_LARGE");
+    expectCode(() => encodeMessage([fromHex(accept), fromHex("02")]), "FRAME_MALFORMED");
+  });
+});
+
+describe("MessageBuilder", () => {
+  it("takes any frame up to MAX_FRAME_SIZE while empty, then only what fits beside it", () => {
+    const builder = new MessageBuilder();
+    expect(builder.room).toBe(MAX_FRAME_SIZE);
+    expect(builder.size).toBe(0);
+    expect(builder.add(fromHex("02 00000001"))).toBe(true);
+    expect(builder.size).toBe(5);
+    expect(builder.room).toBe(MAX_MESSAGE_SIZE - (5 + 2 + 5) - 2);
+    expect(builder.addData(3, new Uint8Array(builder.room - FRAME_HEADER_SIZE + 1))).toBe(false);
+    expect(builder.frameCount).toBe(1);
+    expect(builder.addData(3, new Uint8Array(builder.room - FRAME_HEADER_SIZE))).toBe(true);
+    expect(builder.size).toBe(MAX_MESSAGE_SIZE);
+    expect(builder.room).toBe(0);
+    const parts = builder.take();
+    expect(Buffer.concat(parts).byteLength).toBe(MAX_MESSAGE_SIZE);
+    expect(decodeMessage(Buffer.concat(parts)).map((f) => f.type)).toEqual(["accept", "data"]);
+    expect(builder.take()).toEqual([]);
+    expect(builder.frameCount).toBe(0);
+  });
+
+  it("keeps large DATA payloads as parts of their own and copies the rest into one buffer", () => {
+    const builder = new MessageBuilder();
+    const large = new Uint8Array(4096).fill(0x61);
+    const small = new Uint8Array(100).fill(0x62);
+    builder.add(encodeFrame({ type: "window", stream: 1, credit: 9 }));
+    builder.addData(3, large);
+    builder.addData(5, small);
+    builder.add(encodeFrame({ type: "end", stream: 5 }));
+    const parts = builder.take();
+    expect(parts.map((p) => p.byteLength)).toEqual([5 + 2 + 9 + 2 + 5, 4096, 2 + 105 + 2 + 5]);
+    expect(parts[1]).toBe(large);
+    expect(decodeMessage(Buffer.concat(parts))).toEqual([
+      { type: "window", stream: 1, credit: 9 },
+      { type: "data", stream: 3, data: Buffer.from(large) },
+      { type: "data", stream: 5, data: Buffer.from(small) },
+      { type: "end", stream: 5 },
+    ]);
+  });
+
+  it("sends a lone frame bare: a full-size DATA as header and payload, a small one joined", () => {
+    const builder = new MessageBuilder();
+    const full = new Uint8Array(MAX_DATA_PAYLOAD);
+    expect(builder.addData(7, full)).toBe(true);
+    expect(builder.add(fromHex("02 00000001"))).toBe(false);
+    const parts = builder.take();
+    expect(parts.map((p) => p.byteLength)).toEqual([5, MAX_DATA_PAYLOAD]);
+    expect(parts[1]).toBe(full);
+    builder.addData(7, Buffer.from("hi"));
+    expect(builder.take().map((p) => toHex(p))).toEqual(["030000000768 69".replace(" ", "")]);
   });
 });
