@@ -8,7 +8,11 @@ import net from "node:net";
 const CLK_TCK = 100; // getconf CLK_TCK on Linux/x86-64 and arm64
 
 /** Spawns `cmd args` through sh so `ulimit -n` can be raised first; the shell execs, so pid is the tool's. */
-export function spawnTool(cmd, args, { nofile = 65536, env, cwd, stdin = "ignore", label = cmd } = {}) {
+export function spawnTool(
+  cmd,
+  args,
+  { nofile = 65536, env, cwd, stdin = "ignore", label = cmd, maxOutput = 64 << 20 } = {},
+) {
   const script = `ulimit -n ${nofile} 2>/dev/null || ulimit -n 20000; exec "$@"`;
   const child = spawn("sh", ["-c", script, "sh", cmd, ...args], {
     stdio: [stdin, "pipe", "pipe"],
@@ -17,11 +21,13 @@ export function spawnTool(cmd, args, { nofile = 65536, env, cwd, stdin = "ignore
   });
   let stdout = "";
   let stderr = "";
+  // Kept up to maxOutput characters each (64 MiB: `queue --json` with thousands of entries is several
+  // MiB, and a cut-off JSON document does not parse).
   child.stdout.setEncoding("utf8").on("data", (d) => {
-    if (stdout.length < 1 << 20) stdout += d;
+    if (stdout.length < maxOutput) stdout += d;
   });
   child.stderr.setEncoding("utf8").on("data", (d) => {
-    if (stderr.length < 1 << 20) stderr += d;
+    if (stderr.length < maxOutput) stderr += d;
   });
   const exited = new Promise((resolve) => {
     child.on("exit", (code, signal) => resolve({ code, signal }));

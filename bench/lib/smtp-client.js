@@ -1,6 +1,7 @@
 // A minimal SMTP client for latency measurements: connect → 220 banner, and timed transactions
 // (MAIL, RCPT, DATA, body, final dot) on one session, one command at a time (no pipelining).
 import net from "node:net";
+import { percentile } from "./stats.js";
 
 /** Reads SMTP replies off a socket: next() resolves with the next complete (final) reply line. */
 class ReplyReader {
@@ -99,4 +100,31 @@ export async function timedTransactions(port, { count, size = 4096 }) {
   socket.end("QUIT\r\n");
   await new Promise((resolve) => socket.once("close", resolve));
   return times;
+}
+
+/** Banner times of `count` sequential new sessions (each closed after its 220): p50 and max, in ms. */
+export async function probeBanners(port, count) {
+  const times = [];
+  for (let i = 0; i < count; i++) times.push((await readBanner(port)).ms);
+  return { p50: percentile(times, 50), max: Math.max(...times), times };
+}
+
+/**
+ * Opens `count` sessions, `batch` at a time, each left open and idle after its banner. Resolves with
+ * the sockets, how many banners were not 220, and the time it took.
+ */
+export async function holdSessions(port, count, batch = 50) {
+  const sockets = [];
+  let refused = 0;
+  const started = performance.now();
+  for (let opened = 0; opened < count; opened += batch) {
+    const got = await Promise.all(
+      Array.from({ length: Math.min(batch, count - opened) }, () => readBanner(port, { quit: false })),
+    );
+    for (const b of got) {
+      if (!b.line.startsWith("220")) refused++;
+      sockets.push(b.socket);
+    }
+  }
+  return { sockets, refused, openMs: performance.now() - started };
 }

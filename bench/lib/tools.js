@@ -36,14 +36,16 @@ export async function startSink({ backlog = 4096 } = {}) {
 
 /**
  * smtp-source: `sessions` parallel sessions, `messages` messages of `size` bytes; wall time and rate.
- * Each message is its own TCP session (smtp-source's default).
+ * Each message is its own TCP session (smtp-source's default), or with `persistent` all of a
+ * session's messages go over one connection (`-d`), as Postfix's connection cache does under load.
  */
 export async function smtpSource(
   port,
-  { sessions, messages, size, to = "user@bench.test", from = "bench@client.test" },
+  { sessions, messages, size, to = "user@bench.test", from = "bench@client.test", persistent = false },
 ) {
   // smtp-source writes its own header, with From: <sender> (the -f address), To, Date and a Message-Id.
   const args = ["-s", String(sessions), "-m", String(messages), "-l", String(size)];
+  if (persistent) args.push("-d"); // the next message over the same connection
   args.push("-f", from, "-t", to, `127.0.0.1:${port}`);
   const result = await runTool(SMTP_SOURCE, args);
   if (result.code !== 0) throw new Error(`smtp-source failed (${result.code}): ${result.stderr.slice(-500)}`);

@@ -1,19 +1,15 @@
-// Scenario 4 (live part): 1000 concurrent SMTP sessions held open on the edge, each spliced through
-// the tunnel to smtp-sink and idle after its banner. Edge and home RSS with them held, and the banner
-// latency of further sessions meanwhile. Spool mode is not built yet.
+// Scenario 4: 1000 concurrent SMTP sessions held open on the edge, idle after their banner. Live part:
+// each spliced through the tunnel to smtp-sink; edge and home RSS with them held, and the banner
+// latency of further sessions meanwhile. Spool part (s4-spool.js, also "4-spool" on its own): the
+// same with home away, the edge answering as backup MX; compared with the live part of the same run.
 import { startAgents } from "../lib/agents.js";
-import { sleep } from "../lib/proc.js";
-import { readBanner } from "../lib/smtp-client.js";
-import { fmt, median, percentile } from "../lib/stats.js";
+import { cpuDelta, cpuSnapshot, sleep } from "../lib/proc.js";
+import { holdSessions, probeBanners as probe } from "../lib/smtp-client.js";
+import { fmt, median } from "../lib/stats.js";
 import { startSink } from "../lib/tools.js";
+import { run as runSpool } from "./s4-spool.js";
 
-export const title = "4. Idle sessions held open (live path)";
-
-async function probe(port, count) {
-  const times = [];
-  for (let i = 0; i < count; i++) times.push((await readBanner(port)).ms);
-  return { p50: percentile(times, 50), max: Math.max(...times) };
-}
+export const title = "4. Idle sessions held open (live path, then spool mode)";
 
 export async function run({ quick, runs, log }) {
   const sessions = quick ? 500 : 1000;
@@ -25,27 +21,19 @@ export async function run({ quick, runs, log }) {
     for (let i = 0; i < runs; i++) {
       const before = agents.memory();
       const unloaded = await probe(agents.smtpPort, 20);
-      const held = [];
-      const started = performance.now();
-      let refused = 0;
-      for (let opened = 0; opened < sessions; opened += 50) {
-        const batch = await Promise.all(
-          Array.from({ length: Math.min(50, sessions - opened) }, () =>
-            readBanner(agents.smtpPort, { quit: false }),
-          ),
-        );
-        for (const b of batch) {
-          if (!b.line.startsWith("220")) refused++;
-          held.push(b.socket);
-        }
-      }
-      const openMs = performance.now() - started;
+      const c0 = cpuSnapshot(agents.pids());
+      const opened = await holdSessions(agents.smtpPort, sessions);
+      const cpu = cpuDelta(c0, cpuSnapshot(agents.pids()));
+      const held = opened.sockets;
+      const refused = opened.refused;
+      const openMs = opened.openMs;
+      const cpuPerSessionMs = { edge: (cpu.edge * 1000) / sessions, home: (cpu.home * 1000) / sessions };
       await sleep(500);
       const memory = agents.memory();
       const loaded = await probe(agents.smtpPort, 20);
       for (const socket of held) socket.destroy();
       await sleep(1000);
-      const rep = { sessions, refused, openMs, before, memory, unloaded, loaded };
+      const rep = { sessions, refused, openMs, cpuPerSessionMs, before, memory, unloaded, loaded };
       reps.push(rep);
       log(
         `  run ${i + 1}: ${sessions} held (${refused} not 220) in ${fmt(openMs)} ms; RSS edge ` +
@@ -74,12 +62,28 @@ export async function run({ quick, runs, log }) {
       loadedP50: median(reps.map((r) => r.loaded.p50)),
       loadedMax: median(reps.map((r) => r.loaded.max)),
     },
+    cpuPerSessionMs: {
+      edge: median(reps.map((r) => r.cpuPerSessionMs.edge)),
+      home: median(reps.map((r) => r.cpuPerSessionMs.home)),
+    },
     refused: reps.map((r) => r.refused),
     reps,
   };
   log(
     `  median: edge ${fmt(result.rssMiB.edge)} MiB, home ${fmt(result.rssMiB.home)} MiB at ${sessions} sessions; ` +
       `banner p50 with them held ${fmt(result.bannerMs.loadedP50)} ms`,
+  );
+  // Spool part, fresh agents, same session count and runs.
+  log("  spool part (home away, the edge answers as backup MX):");
+  result.spool = await runSpool({ quick, runs, log });
+  result.spoolVsLive = {
+    edgeRss: result.spool.rssMiB.edge / result.rssMiB.edge,
+    edgePerSessionKiB: result.spool.perSessionKiB.edge / result.perSessionKiB.edge,
+    bannerLoadedP50: result.spool.bannerMs.loadedP50 / result.bannerMs.loadedP50,
+  };
+  log(
+    `  spool vs live: edge RSS ×${fmt(result.spoolVsLive.edgeRss)}, per session ×${fmt(result.spoolVsLive.edgePerSessionKiB)}, ` +
+      `new-session banner p50 ×${fmt(result.spoolVsLive.bannerLoadedP50)}`,
   );
   return result;
 }
