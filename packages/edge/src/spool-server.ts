@@ -95,6 +95,8 @@ export class SpoolServer {
       key: options.tls.key,
       cert: options.tls.cert,
       disabledCommands: ["AUTH"],
+      // Postfix at home resolves the client itself; a slow resolver here would only delay the banner.
+      disableReverseLookup: true,
       authOptional: true,
       size: config.spool.defaultMessageSizeLimit,
       socketTimeout: config.limits.idleTimeout,

@@ -172,15 +172,30 @@ export class SpoolStore {
     await fsyncDirectory(this.dir);
   }
 
-  private saving: Promise<void> = Promise.resolve();
+  private saving: Promise<void> | undefined;
+  private queued: Promise<void> | undefined;
 
-  /** Writes are chained: each writes the whole current map, so the last one wins with all changes. */
+  /**
+   * Persists the attempts map. Writes are coalesced: while one write runs, every caller waits for
+   * a single follow-up write that includes all changes made meanwhile (under load, one write per
+   * burst instead of one per message).
+   */
   private saveAttempts(): Promise<void> {
-    const next = this.saving
+    if (this.queued) return this.queued;
+    const write = () => writeFileAtomic(this.statePath, JSON.stringify(this.attempts), { mode: 0o600 });
+    if (!this.saving) {
+      this.saving = write().finally(() => {
+        this.saving = undefined;
+      });
+      return this.saving;
+    }
+    this.queued = this.saving
       .catch(() => {})
-      .then(() => writeFileAtomic(this.statePath, JSON.stringify(this.attempts), { mode: 0o600 }));
-    this.saving = next;
-    return next;
+      .then(() => {
+        this.queued = undefined;
+        return this.saveAttempts();
+      });
+    return this.queued;
   }
 }
 
