@@ -19,7 +19,6 @@ import {
 import nodemailer from "nodemailer";
 import { SMTPServer } from "smtp-server";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { startDnsServer } from "../../packages/edge/test/dns-server.js";
 import {
   cleanupAgents,
   makeEdge,
@@ -30,6 +29,7 @@ import {
   type TestHome,
   tempDir,
 } from "../helpers/agents.js";
+import { startDnsServer } from "../helpers/dns-server.js";
 import { freePort } from "./lab/ports.js";
 import { type PostfixLab, startPostfix } from "./lab/postfix.js";
 import { requireTools } from "./lab/require-tools.js";

@@ -7,7 +7,7 @@ import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Mailbox, startMailbox } from "../../demo/src/mailbox.js";
 import { cleanupAgents, makeEdge, makeHome, startTestHome, tempDir } from "../helpers/agents.js";
-import { startTestDns, type TestDnsServer } from "../helpers/test-dns.js";
+import { startDnsServer as startTestDns, type TestDnsServer } from "../helpers/dns-server.js";
 import { type PostfixLab, startPostfix } from "./lab/postfix.js";
 import { requireTools } from "./lab/require-tools.js";
 import { waitFor } from "./lab/wait.js";

@@ -2,8 +2,8 @@ import type { AddressInfo } from "node:net";
 import { createLogger, type HostPort } from "@mxtunnel/shared";
 import { SMTPServer } from "smtp-server";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { startDnsServer } from "../../../test/helpers/dns-server.js";
 import { Deliverer, enhancedOf, isRefusedDestination, RouteError } from "../src/delivery.js";
-import { startDnsServer } from "./dns-server.js";
 
 const logger = createLogger({ name: "test", level: "silent" });
 
