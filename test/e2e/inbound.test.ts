@@ -7,6 +7,7 @@ import { promisify } from "node:util";
 import nodemailer from "nodemailer";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { cleanupAgents, makeEdge, makeHome, type TestEdge, type TestHome } from "../helpers/agents.js";
+import { smtpOver } from "../helpers/smtp-client.js";
 import { freePort, hasIPv6Loopback } from "./lab/ports.js";
 import { type PostfixLab, startPostfix } from "./lab/postfix.js";
 import { requireTools } from "./lab/require-tools.js";
@@ -30,32 +31,6 @@ async function swaks(args: string[]): Promise<SwaksResult> {
     const e = error as { code?: number; stdout?: string; stderr?: string };
     return { code: typeof e.code === "number" ? e.code : 1, output: `${e.stdout ?? ""}${e.stderr ?? ""}` };
   }
-}
-
-/** Reads SMTP replies on a raw socket (for tests that need to stop mid-session). */
-function smtpClient(socket: net.Socket) {
-  let buffer = "";
-  const waiters: ((line: string) => void)[] = [];
-  socket.setEncoding("utf8");
-  socket.on("data", (chunk: string) => {
-    buffer += chunk;
-    for (;;) {
-      const match = /^(\d{3}) .*\r\n/m.exec(buffer);
-      if (!match) break;
-      const end = match.index + match[0].length;
-      const reply = buffer.slice(0, end);
-      buffer = buffer.slice(end);
-      waiters.shift()?.(reply);
-    }
-  });
-  return {
-    reply: () => new Promise<string>((resolve) => waiters.push(resolve)),
-    async command(line: string): Promise<string> {
-      const next = this.reply();
-      socket.write(`${line}\r\n`);
-      return next;
-    },
-  };
 }
 
 describe.skipIf(!ready)("inbound mail, live, through a real Postfix", () => {
@@ -329,7 +304,7 @@ describe.skipIf(!ready)("inbound failure modes", () => {
     const home = await makeHome(await edge.token(), { "postfix.inject": `127.0.0.1:${postfix.injectPort}` });
     const before = (await postfix.messages("alice")).length;
     const socket = net.connect({ host: "127.0.0.1", port: edge.smtpPort, localAddress: "127.0.0.2" });
-    const smtp = smtpClient(socket);
+    const smtp = smtpOver(socket);
     expect(await smtp.reply()).toMatch(/^220 /);
     expect(await smtp.command("EHLO cut.example.net")).toMatch(/^250 /m);
     expect(await smtp.command("MAIL FROM:<cut@example.net>")).toMatch(/^250/);

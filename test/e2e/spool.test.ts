@@ -19,6 +19,7 @@ import {
   type TestHome,
   tempDir,
 } from "../helpers/agents.js";
+import { type SmtpClient, smtpOver } from "../helpers/smtp-client.js";
 import { type PostfixLab, startPostfix } from "./lab/postfix.js";
 import { requireTools } from "./lab/require-tools.js";
 import { waitFor } from "./lab/wait.js";
@@ -52,38 +53,9 @@ async function allFiles(dir: string): Promise<Buffer[]> {
   return out;
 }
 
-/** A line-based SMTP client on a raw socket, for byte-exact tests. */
-function smtp(socket: net.Socket | tls.TLSSocket) {
-  let buffer = "";
-  const waiters: ((reply: string) => void)[] = [];
-  socket.setEncoding("utf8");
-  socket.on("data", (chunk: string) => {
-    buffer += chunk;
-    for (;;) {
-      const match = /^(\d{3}) .*\r\n/m.exec(buffer);
-      if (!match) break;
-      const end = match.index + match[0].length;
-      const reply = buffer.slice(0, end);
-      buffer = buffer.slice(end);
-      waiters.shift()?.(reply);
-    }
-  });
-  return {
-    reply: () => new Promise<string>((resolve) => waiters.push(resolve)),
-    send(text: string) {
-      socket.write(text);
-    },
-    async command(line: string): Promise<string> {
-      const next = this.reply();
-      socket.write(`${line}\r\n`);
-      return next;
-    },
-  };
-}
-
-async function connect(port: number): Promise<{ socket: net.Socket; client: ReturnType<typeof smtp> }> {
+async function connect(port: number): Promise<{ socket: net.Socket; client: SmtpClient }> {
   const socket = net.connect({ host: "127.0.0.1", port, localAddress: "127.0.0.2" });
-  const client = smtp(socket);
+  const client = smtpOver(socket);
   const banner = await client.reply();
   expect(banner).toMatch(/^220 .*backup MX/);
   return { socket, client };
@@ -269,7 +241,7 @@ describe.skipIf(!ready)("backup MX: spooling while home is away", () => {
     socket.removeAllListeners("data");
     const secure = tls.connect({ socket, rejectUnauthorized: false });
     await once(secure, "secureConnect");
-    const inner = smtp(secure);
+    const inner = smtpOver(secure);
     // The pipelined RCPT must not have been executed, and MAIL FROM from before TLS is gone.
     expect(await inner.command("RCPT TO:<alice@home.test>")).toMatch(/^503 /);
     expect(await inner.command("EHLO tls.example")).toMatch(/^250/);
