@@ -14,6 +14,7 @@ import {
   renderDoctor,
   reportCliError,
   shutdownSignal,
+  viaAgentOrLocked,
 } from "@mxtunnel/shared";
 import { Command } from "commander";
 import { issuePairingToken, runEdge } from "./agent.js";
@@ -30,23 +31,18 @@ import { type EdgeStatus, edgeStatus, renderEdgeStatus } from "./status.js";
 const NAME = "mxtunnel-edge";
 
 /** Runs an admin command on the live agent, or `offline` under the state lock when none runs. */
-async function viaAgentOrLock<T>(
+function viaAgentOrLock<T>(
   dir: string,
   command: string,
   args: Record<string, unknown>,
   offline: (state: EdgeState) => Promise<T>,
 ): Promise<T> {
-  try {
-    return (await callAdminSocket(edgePaths(dir).adminSocket, { command, args })) as T;
-  } catch (error) {
-    if (!(error instanceof AdminUnavailable)) throw error;
-  }
-  const lock = await lockEdgeState(dir, `${NAME} ${command}`);
-  try {
-    return await offline(await EdgeState.open(dir));
-  } finally {
-    await lock.release();
-  }
+  return viaAgentOrLocked(
+    edgePaths(dir).adminSocket,
+    { command, args },
+    () => lockEdgeState(dir, `${NAME} ${command}`),
+    async () => offline(await EdgeState.open(dir)),
+  );
 }
 
 export function buildProgram(): Command {

@@ -13,6 +13,7 @@ import {
   renderDoctor,
   reportCliError,
   shutdownSignal,
+  viaAgentOrLocked,
 } from "@mxtunnel/shared";
 import { Command } from "commander";
 import { runHome } from "./agent.js";
@@ -40,23 +41,19 @@ async function readToken(arg: string | undefined, tokenFile: string | undefined)
   throw new Error("no token: pass it as an argument, `-` to read stdin, or --token-file FILE");
 }
 
-async function viaAgentOrLock<T>(
+/** Runs an admin command on the live agent, or `offline` under the state lock when none runs. */
+function viaAgentOrLock<T>(
   dir: string,
   command: string,
   args: Record<string, unknown>,
   offline: (state: HomeState) => Promise<T>,
 ): Promise<T> {
-  try {
-    return (await callAdminSocket(homePaths(dir).adminSocket, { command, args })) as T;
-  } catch (error) {
-    if (!(error instanceof AdminUnavailable)) throw error;
-  }
-  const lock = await lockHomeState(dir, `${NAME} ${command}`);
-  try {
-    return await offline(await HomeState.open(dir, { create: command === "pair" }));
-  } finally {
-    await lock.release();
-  }
+  return viaAgentOrLocked(
+    homePaths(dir).adminSocket,
+    { command, args },
+    () => lockHomeState(dir, `${NAME} ${command}`),
+    async () => offline(await HomeState.open(dir, { create: command === "pair" })),
+  );
 }
 
 export function buildProgram(): Command {

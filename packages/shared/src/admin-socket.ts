@@ -102,3 +102,28 @@ export function callAdminSocket(path: string, request: AdminRequest, timeoutMs =
     });
   });
 }
+
+/**
+ * What every state-changing CLI command does: ask the running agent over its admin socket, or,
+ * when none runs, do the work itself while holding the state lock (`acquire`), so two writers
+ * never race on the same files.
+ */
+export async function viaAgentOrLocked<T>(
+  socketPath: string,
+  request: AdminRequest,
+  acquire: () => Promise<{ release(): Promise<void> }>,
+  offline: () => Promise<T>,
+  timeoutMs?: number,
+): Promise<T> {
+  try {
+    return (await callAdminSocket(socketPath, request, timeoutMs)) as T;
+  } catch (error) {
+    if (!(error instanceof AdminUnavailable)) throw error;
+  }
+  const lock = await acquire();
+  try {
+    return await offline();
+  } finally {
+    await lock.release();
+  }
+}
