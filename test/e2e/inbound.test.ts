@@ -1,37 +1,18 @@
 // Issue 3 end to end: port 25 on the edge spliced through the tunnel to a real Postfix at home,
 // with real clients (swaks, nodemailer), the real client IP reaching Postfix via PROXY v2.
-import { execFile } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import net from "node:net";
-import { promisify } from "node:util";
 import nodemailer from "nodemailer";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { cleanupAgents, makeEdge, makeHome, type TestEdge, type TestHome } from "../helpers/agents.js";
 import { smtpOver } from "../helpers/smtp-client.js";
+import { swaks } from "../helpers/swaks.js";
 import { freePort, hasIPv6Loopback } from "./lab/ports.js";
 import { type PostfixLab, startPostfix } from "./lab/postfix.js";
 import { requireTools } from "./lab/require-tools.js";
 import { waitFor } from "./lab/wait.js";
 
-const exec = promisify(execFile);
 const ready = requireTools(["postfix", "postconf", "swaks"], "inbound e2e suite");
-
-interface SwaksResult {
-  code: number;
-  output: string;
-}
-
-async function swaks(args: string[]): Promise<SwaksResult> {
-  try {
-    const { stdout, stderr } = await exec("swaks", ["--timeout", "20", ...args], {
-      maxBuffer: 16 * 1024 * 1024,
-    });
-    return { code: 0, output: stdout + stderr };
-  } catch (error) {
-    const e = error as { code?: number; stdout?: string; stderr?: string };
-    return { code: typeof e.code === "number" ? e.code : 1, output: `${e.stdout ?? ""}${e.stderr ?? ""}` };
-  }
-}
 
 describe.skipIf(!ready)("inbound mail, live, through a real Postfix", () => {
   let postfix: PostfixLab;

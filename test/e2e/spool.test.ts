@@ -20,6 +20,7 @@ import {
   tempDir,
 } from "../helpers/agents.js";
 import { type SmtpClient, smtpOver } from "../helpers/smtp-client.js";
+import { swaks } from "../helpers/swaks.js";
 import { type PostfixLab, startPostfix } from "./lab/postfix.js";
 import { requireTools } from "./lab/require-tools.js";
 import { waitFor } from "./lab/wait.js";
@@ -27,16 +28,6 @@ import { waitFor } from "./lab/wait.js";
 const exec = promisify(execFile);
 const root = fileURLToPath(new URL("../..", import.meta.url));
 const ready = requireTools(["postfix", "postconf", "swaks"], "spool e2e suite");
-
-async function swaks(args: string[]): Promise<{ code: number; output: string }> {
-  try {
-    const { stdout, stderr } = await exec("swaks", ["--timeout", "20", ...args]);
-    return { code: 0, output: stdout + stderr };
-  } catch (error) {
-    const e = error as { code?: number; stdout?: string; stderr?: string };
-    return { code: typeof e.code === "number" ? e.code : 1, output: `${e.stdout ?? ""}${e.stderr ?? ""}` };
-  }
-}
 
 /** Every file under a folder, as bytes (to prove nothing readable is at rest). */
 async function allFiles(dir: string): Promise<Buffer[]> {

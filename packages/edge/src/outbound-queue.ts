@@ -312,23 +312,7 @@ export class OutboundQueue {
     return [...this.entries.values()]
       .sort((a, b) => a.createdAt - b.createdAt)
       .map((entry) => {
-        const pending = entry.recipients.filter((r) => r.state === "pending");
-        const next = pending.length ? Math.min(...pending.map((r) => r.nextAttemptAt)) : null;
-        return {
-          queue: "outbound" as const,
-          id: entry.id,
-          kind: entry.kind,
-          home: entry.homeName,
-          from: entry.mailFrom,
-          to: pending.map((r) => r.address),
-          size: entry.size,
-          createdAt: new Date(entry.createdAt).toISOString(),
-          ageSeconds: Math.max(0, Math.round((now - entry.createdAt) / 1000)),
-          tries: entry.tries,
-          nextAttemptAt: next === null ? null : new Date(Math.max(next, entry.createdAt)).toISOString(),
-          lastError: entry.lastError ?? null,
-          state: this.active.has(entry.id) ? "active" : entry.tries > 0 ? "deferred" : "queued",
-        };
+        return queueRow(entry, now, this.active.has(entry.id));
       });
   }
 
@@ -872,23 +856,7 @@ export async function outboundQueueEntries(edgeDir: string, now = Date.now()): P
     } catch {
       continue; // removed meanwhile, or damaged (the agent logs it at start)
     }
-    const pending = entry.recipients.filter((r) => r.state === "pending");
-    const next = pending.length ? Math.min(...pending.map((r) => r.nextAttemptAt)) : null;
-    rows.push({
-      queue: "outbound",
-      id: entry.id,
-      kind: entry.kind,
-      home: entry.homeName,
-      from: entry.mailFrom,
-      to: pending.map((r) => r.address),
-      size: entry.size,
-      createdAt: new Date(entry.createdAt).toISOString(),
-      ageSeconds: Math.max(0, Math.round((now - entry.createdAt) / 1000)),
-      tries: entry.tries,
-      nextAttemptAt: next === null ? null : new Date(Math.max(next, entry.createdAt)).toISOString(),
-      lastError: entry.lastError ?? null,
-      state: entry.tries > 0 ? "deferred" : "queued",
-    });
+    rows.push(queueRow(entry, now, false));
   }
   return rows.sort((a, b) => a.createdAt.localeCompare(b.createdAt));
 }
@@ -963,4 +931,25 @@ export async function startOutbound(options: {
   });
   await queue.start();
   return queue;
+}
+
+/** One row of `mxtunnel-edge queue` for an outbound entry: recipients still pending, never content. */
+function queueRow(entry: QueueEntry, now: number, active: boolean): OutboundQueueEntry {
+  const pending = entry.recipients.filter((r) => r.state === "pending");
+  const next = pending.length ? Math.min(...pending.map((r) => r.nextAttemptAt)) : null;
+  return {
+    queue: "outbound",
+    id: entry.id,
+    kind: entry.kind,
+    home: entry.homeName,
+    from: entry.mailFrom,
+    to: pending.map((r) => r.address),
+    size: entry.size,
+    createdAt: new Date(entry.createdAt).toISOString(),
+    ageSeconds: Math.max(0, Math.round((now - entry.createdAt) / 1000)),
+    tries: entry.tries,
+    nextAttemptAt: next === null ? null : new Date(Math.max(next, entry.createdAt)).toISOString(),
+    lastError: entry.lastError ?? null,
+    state: active ? "active" : entry.tries > 0 ? "deferred" : "queued",
+  };
 }
