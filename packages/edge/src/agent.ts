@@ -10,17 +10,19 @@ import {
   AGENT_VERSION,
   answerClockRequest,
   CloseCode,
+  closeServer,
   decodeKey,
   type EdgeConfig,
   type FileLock,
+  holdStateLock,
   type ListenerLimits,
   type Logger,
   type MuxStream,
-  measureClockSkew,
-  ResetCode,
+  measurePeer,
+  PeerDispatch,
   StateError,
-  type StreamKind,
   serveAdminSocket,
+  untilAborted,
 } from "@mxtunnel/shared";
 import type { EdgeProbe } from "./doctor.js";
 import {
@@ -43,9 +45,6 @@ import { type EdgeStatus, edgeStatus } from "./status.js";
 import { loadTlsCertificate } from "./tls.js";
 import { type Tunnel, TunnelServer } from "./tunnel-server.js";
 import { handleUndeliverable } from "./undeliverable.js";
-
-export type EdgeStreamHandler = (stream: MuxStream, tunnel: Tunnel) => void;
-export type EdgeControlHandler = (message: Record<string, unknown>, tunnel: Tunnel) => void;
 
 export interface EdgeAgentOptions {
   dir: string;
@@ -76,11 +75,7 @@ export interface EdgeAgent {
 
 export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
   const { dir, config, logger } = options;
-  const lock = await lockEdgeState(dir, "mxtunnel-edge run");
-  const cleanups: (() => Promise<void>)[] = [() => lock.release()];
-  const cleanup = async () => {
-    for (const step of cleanups.reverse()) await step().catch(() => {});
-  };
+  const cleanups = await holdStateLock(() => lockEdgeState(dir, "mxtunnel-edge run"));
   try {
     const state = await EdgeState.open(dir);
     const startedAt = Date.now();
@@ -102,17 +97,10 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
 
     // Streams and CONTROL messages that homes send are dispatched by kind; each feature registers
     // its handler below (outbound relay: "relay"; backup MX: "sync").
-    const streamHandlers = new Map<StreamKind, EdgeStreamHandler>();
-    const controlHandlers: EdgeControlHandler[] = [];
+    const dispatch = new PeerDispatch<Tunnel>((kind) => `this edge does not serve ${kind} streams`);
     tunnels.on("up", (tunnel) => {
-      tunnel.mux.on("stream", (stream: MuxStream) => {
-        const handler = streamHandlers.get(stream.kind);
-        if (handler) handler(stream, tunnel);
-        else stream.reset(ResetCode.REFUSED, `this edge does not serve ${stream.kind} streams`);
-      });
-      tunnel.mux.on("control", (message: Record<string, unknown>) => {
-        for (const handler of controlHandlers) handler(message, tunnel);
-      });
+      tunnel.mux.on("stream", (stream: MuxStream) => dispatch.stream(stream, tunnel));
+      tunnel.mux.on("control", (message: Record<string, unknown>) => dispatch.control(message, tunnel));
     });
 
     // Outbound: relay streams from homes are checked, queued durably, DKIM-signed and delivered.
@@ -123,7 +111,7 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
       logger: logger.child({ component: "outbound" }),
     });
     cleanups.push(() => outbound.stop());
-    streamHandlers.set("relay", (stream, tunnel) => outbound.handleStream(stream, tunnel.home));
+    dispatch.onStream("relay", (stream, tunnel) => outbound.handleStream(stream, tunnel.home));
 
     // Backup MX: sessions the live path cannot serve are answered here and spooled, sealed to home.
     const tls = await loadTlsCertificate(dir, config.hostname);
@@ -162,14 +150,14 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
       onSpooled: () => drain.kick(),
       ...(options.spoolOpenFile ? { openFile: options.spoolOpenFile } : {}),
     });
-    streamHandlers.set("sync", (stream, tunnel) => {
+    dispatch.onStream("sync", (stream, tunnel) => {
       receiveRecipientList(stream, tunnel, recipients, logger).catch((error: Error) => {
         logger.warn({ home: tunnel.home.name, err: error.message }, "recipient list sync interrupted");
         stream.destroy();
       });
     });
 
-    controlHandlers.push((message, tunnel) => {
+    dispatch.onControl((message, tunnel) => {
       if (message.type === "limits" && Number.isSafeInteger(message.messageSizeLimit)) {
         spool.setMessageSizeLimit(tunnel.home.publicKey, Number(message.messageSizeLimit));
       }
@@ -244,7 +232,7 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
     cleanups.push(async () => monitor.stop());
     const disk = await freeSpaceWatcher(dir);
     cleanups.push(async () => disk.stop());
-    controlHandlers.push((message, tunnel) => {
+    dispatch.onControl((message, tunnel) => {
       if (answerClockRequest(message, tunnel.mux)) return;
       if (message.type === "spool-key" && typeof message.publicKey === "string") {
         void acceptSpoolKey(message.publicKey, tunnel).catch((error: Error) =>
@@ -326,10 +314,7 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
         homes: await Promise.all(
           state.homes().map(async (home) => {
             const tunnel = tunnels.tunnelOf(home.publicKey);
-            const live = tunnel !== undefined && !tunnel.mux.closed;
-            const [rttMs, clockSkewMs] = live
-              ? await Promise.all([tunnel.mux.ping().catch(() => null), measureClockSkew(tunnel.mux, 3000)])
-              : [null, null];
+            const { live, rttMs, clockSkewMs } = await measurePeer(tunnel?.mux);
             return {
               name: home.name,
               fingerprint: home.fingerprint,
@@ -342,18 +327,13 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
           }),
         ),
       }),
-      stop: cleanup,
+      stop: () => cleanups.run(),
     };
 
     const admin = await serveAdminSocket(state.paths.adminSocket, (request) =>
       handleAdmin(agent, config, request),
     );
-    cleanups.push(
-      () =>
-        new Promise<void>((resolve) => {
-          admin.close(() => resolve());
-        }),
-    );
+    cleanups.push(closeServer(admin));
     logger.info(
       {
         version: AGENT_VERSION,
@@ -366,7 +346,7 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
     );
     return agent;
   } catch (error) {
-    await cleanup();
+    await cleanups.run();
     throw error;
   }
 }
@@ -377,10 +357,7 @@ export async function runEdge(
 ): Promise<void> {
   const agent = await startEdge(options);
   options.onReady?.(agent);
-  await new Promise<void>((resolve) => {
-    if (options.signal.aborted) return resolve();
-    options.signal.addEventListener("abort", () => resolve(), { once: true });
-  });
+  await untilAborted(options.signal);
   options.logger.info("edge stopping");
   await agent.stop();
 }

@@ -6,28 +6,25 @@ import {
   type AdminRequest,
   AGENT_VERSION,
   answerClockRequest,
+  closeServer,
   type HomeConfig,
+  holdStateLock,
   type Logger,
-  type MuxStream,
-  measureClockSkew,
-  ResetCode,
-  type StreamKind,
+  measurePeer,
+  PeerDispatch,
   serveAdminSocket,
+  untilAborted,
 } from "@mxtunnel/shared";
 import type { HomeProbe } from "./doctor.js";
 import { EdgeLink } from "./edge-link.js";
 import { InjectedLog } from "./injected-log.js";
 import { HomeMonitor } from "./monitor.js";
+import { pairWithEdge } from "./pairing.js";
 import { RecipientSync } from "./recipient-sync.js";
 import { type RelayListener, startRelayListener } from "./relay-listener.js";
+import { ServiceConnector, type ServiceTarget } from "./service-connector.js";
 import { SpoolInjector } from "./spool-injector.js";
 import { SpoolKeyRing } from "./spool-keys.js";
-
-export type HomeStreamHandler = (stream: MuxStream, link: EdgeLink) => void;
-export type HomeControlHandler = (message: Record<string, unknown>, link: EdgeLink) => void;
-
-import { pairWithEdge } from "./pairing.js";
-import { ServiceConnector, type ServiceTarget } from "./service-connector.js";
 import { type EdgeRecord, HomeState, lockHomeState } from "./state.js";
 import { type HomeStatus, homeStatus } from "./status.js";
 
@@ -71,11 +68,7 @@ export function serviceTable(config: HomeConfig): Map<string, ServiceTarget> {
 
 export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
   const { dir, config, logger } = options;
-  const lock = await lockHomeState(dir, "mxtunnel-home run");
-  const cleanups: (() => Promise<void>)[] = [() => lock.release()];
-  const cleanup = async () => {
-    for (const step of cleanups.reverse()) await step().catch(() => {});
-  };
+  const cleanups = await holdStateLock(() => lockHomeState(dir, "mxtunnel-home run"));
   try {
     const state = await HomeState.open(dir, { create: true });
     const spoolKeys = await SpoolKeyRing.open(dir);
@@ -88,9 +81,8 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
     });
     // Streams the edge opens are dispatched by kind; each feature registers its handler here
     // (backup MX drain: "spool").
-    const streamHandlers = new Map<StreamKind, HomeStreamHandler>([
-      ["forward", (stream) => connector.handle(stream)],
-    ]);
+    const dispatch = new PeerDispatch<EdgeLink>((kind) => `stream kind ${kind} not served by this home`);
+    dispatch.onStream("forward", (stream) => connector.handle(stream));
 
     // Backup MX: the edge drains what it spooled while we were away; we open it and hand it to Postfix.
     const injectedLog = await InjectedLog.open(join(dir, "injected.log"));
@@ -102,7 +94,7 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
       log: injectedLog,
       logger: logger.child({ component: "spool" }),
     });
-    streamHandlers.set("spool", (stream) => injector.handle(stream));
+    dispatch.onStream("spool", (stream) => injector.handle(stream));
     const recipientSync = new RecipientSync({
       file: config.recipients.file,
       delimiter: config.recipients.delimiter,
@@ -111,15 +103,6 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
       logger: logger.child({ component: "recipients" }),
     });
     cleanups.push(async () => recipientSync.stop());
-    const controlHandlers: HomeControlHandler[] = [];
-    const onStream = (stream: MuxStream, link: EdgeLink) => {
-      const handler = streamHandlers.get(stream.kind);
-      if (handler) handler(stream, link);
-      else stream.reset(ResetCode.REFUSED, `stream kind ${stream.kind} not served by this home`);
-    };
-    const onControl = (message: Record<string, unknown>, link: EdgeLink) => {
-      for (const handler of controlHandlers) handler(message, link);
-    };
     const links = new Map<string, EdgeLink>();
     // Operator surface: today's counts, since when each edge is away, the last errors.
     const monitor = new HomeMonitor(
@@ -144,7 +127,7 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
     }, options.spoolKeyCheckMs ?? 60_000);
     spoolKeyTimer.unref();
     cleanups.push(async () => clearInterval(spoolKeyTimer));
-    controlHandlers.push((message, link) => {
+    dispatch.onControl((message, link) => {
       const mux = link.currentMux;
       if (mux && answerClockRequest(message, mux)) return;
       if (message.type !== "spool-key-ack") return;
@@ -163,8 +146,8 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
         logger: logger.child({ component: "tunnel", edge: edge.hostname }),
         reconnect: { minDelayMs: config.reconnect.minDelay, maxDelayMs: config.reconnect.maxDelay },
         ...(options.mux ? { mux: options.mux } : {}),
-        onStream,
-        onControl,
+        onStream: dispatch.stream,
+        onControl: dispatch.control,
       });
       links.set(edge.publicKey, link);
       monitor.watch(link);
@@ -203,11 +186,7 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
           state.edges().map(async (edge) => {
             const link = links.get(edge.publicKey);
             const status = link?.status();
-            const mux = link?.currentMux;
-            const live = mux !== undefined && !mux.closed;
-            const [rttMs, clockSkewMs] = live
-              ? await Promise.all([mux.ping().catch(() => null), measureClockSkew(mux, 3000)])
-              : [null, null];
+            const { live, rttMs, clockSkewMs } = await measurePeer(link?.currentMux);
             return {
               hostname: edge.hostname,
               fingerprint: edge.fingerprint,
@@ -229,7 +208,7 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
         return result;
       },
       waitConnected: (timeoutMs) => waitAllConnected(links, timeoutMs),
-      stop: cleanup,
+      stop: () => cleanups.run(),
     };
     const admin = await serveAdminSocket(state.paths.adminSocket, async (request: AdminRequest) => {
       const args = request.args ?? {};
@@ -262,24 +241,21 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
           throw new Error(`unknown admin command ${request.command}`);
       }
     });
-    cleanups.push(() => new Promise<void>((resolve) => admin.close(() => resolve())));
+    cleanups.push(closeServer(admin));
     logger.info(
       { version: AGENT_VERSION, fingerprint: state.fingerprint, edges: links.size },
       "home running",
     );
     return agent;
   } catch (error) {
-    await cleanup();
+    await cleanups.run();
     throw error;
   }
 }
 
 export async function runHome(options: HomeAgentOptions & { signal: AbortSignal }): Promise<void> {
   const agent = await startHome(options);
-  await new Promise<void>((resolve) => {
-    if (options.signal.aborted) return resolve();
-    options.signal.addEventListener("abort", () => resolve(), { once: true });
-  });
+  await untilAborted(options.signal);
   options.logger.info("home stopping");
   await agent.stop();
 }

@@ -43,6 +43,18 @@ export function measureClockSkew(mux: Mux, timeoutMs = 3000): Promise<number | n
   });
 }
 
+/**
+ * What `doctor` asks of a live peer: a fresh round trip and the clock skew (each null when not
+ * measured). A missing or closed mux is not asked.
+ */
+export async function measurePeer(
+  mux: Mux | undefined,
+): Promise<{ live: boolean; rttMs: number | null; clockSkewMs: number | null }> {
+  if (mux === undefined || mux.closed) return { live: false, rttMs: null, clockSkewMs: null };
+  const [rttMs, clockSkewMs] = await Promise.all([mux.ping().catch(() => null), measureClockSkew(mux, 3000)]);
+  return { live: true, rttMs, clockSkewMs };
+}
+
 /** Skew beyond these is a warning, then a failure (DKIM t=, token expiry, logs that disagree). */
 export const CLOCK_SKEW_WARN_MS = 2_000;
 export const CLOCK_SKEW_FAIL_MS = 60_000;

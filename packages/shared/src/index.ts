@@ -1,4 +1,5 @@
 export * from "./admin-socket.js";
+export * from "./agent-lifecycle.js";
 export * from "./atomic-file.js";
 export * from "./backoff.js";
 export * from "./cli-support.js";
