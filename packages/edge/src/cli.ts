@@ -4,14 +4,13 @@
 import { readdir, stat, statfs } from "node:fs/promises";
 import { join } from "node:path";
 import {
-  AdminUnavailable,
   AGENT_VERSION,
-  callAdminSocket,
+  askRunningAgent,
   collect,
   createLogger,
-  doctorFailed,
   parseDuration,
-  renderDoctor,
+  printDoctor,
+  printResult,
   reportCliError,
   shutdownSignal,
   viaAgentOrLocked,
@@ -164,25 +163,14 @@ export function buildProgram(): Command {
     .requiredOption("--dir <dir>", "edge state directory")
     .option("--json", "machine-readable output")
     .action(async (opts: { dir: string; json?: boolean }) => {
-      let status: EdgeStatus;
-      try {
-        status = (await callAdminSocket(
-          edgePaths(opts.dir).adminSocket,
-          { command: "status" },
-          5000,
-        )) as EdgeStatus;
-      } catch (error) {
-        if (!(error instanceof AdminUnavailable)) throw error;
-        const config = await loadEdgeConfigFrom(opts.dir);
-        status = edgeStatus({
+      const status =
+        (await askRunningAgent<EdgeStatus>(edgePaths(opts.dir).adminSocket, "status", 5000)) ??
+        edgeStatus({
+          config: await loadEdgeConfigFrom(opts.dir),
           state: await EdgeState.open(opts.dir, { readOnly: true }),
-          config,
           ...(await offlineStatusFacts(opts.dir)),
         });
-      }
-      process.stdout.write(
-        opts.json ? `${JSON.stringify(status, null, 2)}\n` : `${renderEdgeStatus(status)}\n`,
-      );
+      printResult(status, opts.json, renderEdgeStatus);
     });
 
   program
@@ -199,7 +187,7 @@ export function buildProgram(): Command {
       const config = await loadEdgeConfigFrom(opts.dir);
       const { addresses, source } = edgePublicAddresses(config, opts.ip ?? []);
       const plan = dnsPlan({ config, dkim: await dkimRecords(opts.dir), addresses, addressSource: source });
-      process.stdout.write(opts.json ? `${JSON.stringify(plan, null, 2)}\n` : `${renderDnsPlan(plan)}\n`);
+      printResult(plan, opts.json, renderDnsPlan);
     });
 
   program
@@ -219,16 +207,7 @@ export function buildProgram(): Command {
       const config = await loadEdgeConfigFrom(opts.dir);
       const timeoutMs = parseDuration(opts.timeout, "--timeout");
       const { addresses } = edgePublicAddresses(config, opts.ip ?? []);
-      let probe: EdgeProbe | null = null;
-      try {
-        probe = (await callAdminSocket(
-          edgePaths(opts.dir).adminSocket,
-          { command: "probe" },
-          15_000,
-        )) as EdgeProbe;
-      } catch (error) {
-        if (!(error instanceof AdminUnavailable)) throw error;
-      }
+      const probe = await askRunningAgent<EdgeProbe>(edgePaths(opts.dir).adminSocket, "probe", 15_000);
       const checks = await edgeDoctor({
         config,
         dir: opts.dir,
@@ -237,12 +216,11 @@ export function buildProgram(): Command {
         probe,
         timeoutMs,
       });
-      process.stdout.write(
-        opts.json
-          ? `${JSON.stringify({ checks, failed: doctorFailed(checks) }, null, 2)}\n`
-          : `${renderDoctor(`mxtunnel-edge doctor: ${config.hostname} (${addresses.join(", ") || "address unknown"})`, checks)}\n`,
+      printDoctor(
+        `mxtunnel-edge doctor: ${config.hostname} (${addresses.join(", ") || "address unknown"})`,
+        checks,
+        opts.json,
       );
-      if (doctorFailed(checks)) process.exitCode = 1;
     });
 
   program
@@ -262,12 +240,10 @@ export function buildProgram(): Command {
           ),
           outbound: await outboundQueueEntries(opts.dir),
         }));
-        if (opts.json) {
-          process.stdout.write(`${JSON.stringify(queues, null, 2)}\n`);
-          return;
-        }
-        process.stdout.write(
-          `${renderSpoolQueue(queues.spool)}\n\n${renderOutboundQueue(queues.outbound)}\n`,
+        printResult(
+          queues,
+          opts.json,
+          (q) => `${renderSpoolQueue(q.spool)}\n\n${renderOutboundQueue(q.outbound)}`,
         );
       } else if (action === "flush") {
         const result = await viaAgentOrLock(opts.dir, "queue-flush", {}, async () => {

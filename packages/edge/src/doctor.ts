@@ -6,14 +6,12 @@ import { Resolver } from "node:dns/promises";
 import { statfs } from "node:fs/promises";
 import net from "node:net";
 import {
-  CLOCK_SKEW_FAIL_MS,
-  CLOCK_SKEW_WARN_MS,
   doctorCheck as check,
+  connectedPeerChecks,
   type DoctorCheck,
   type EdgeConfig,
   formatHostPort,
   type HostPort,
-  peerVersionProblem,
 } from "@mxtunnel/shared";
 import type { DkimRecordFile } from "./dkim.js";
 import { dmarcRecord, reverseName, spfRecord } from "./dns-records.js";
@@ -516,32 +514,9 @@ function tunnelChecks(probe: EdgeProbe | null): DoctorCheck[] {
       );
       continue;
     }
-    out.push(
-      check(
-        "pass",
-        "tunnel",
-        `home ${home.name}: tunnel up, RTT ${home.rttMs === null ? "?" : `${home.rttMs.toFixed(1)} ms`}`,
-      ),
-    );
-    out.push(clockCheck(`home ${home.name}`, home.clockSkewMs));
-    const problem = peerVersionProblem(home.peerVersion, "home");
-    if (problem) out.push(check("warn", "version", `home ${home.name}: ${problem}`));
+    out.push(...connectedPeerChecks(`home ${home.name}`, home, "home", "agent"));
   }
   return out;
-}
-
-export function clockCheck(who: string, skewMs: number | null): DoctorCheck {
-  if (skewMs === null)
-    return check(
-      "skip",
-      "clock",
-      `${who}: clock not compared (no answer to the time request; an older agent?)`,
-    );
-  const text = `${who}'s clock is ${Math.abs(skewMs)} ms ${skewMs >= 0 ? "ahead" : "behind"}`;
-  const fix = "run NTP on both machines (systemd-timesyncd or chrony)";
-  if (Math.abs(skewMs) > CLOCK_SKEW_FAIL_MS) return check("fail", "clock", text, fix);
-  if (Math.abs(skewMs) > CLOCK_SKEW_WARN_MS) return check("warn", "clock", text, fix);
-  return check("pass", "clock", text);
 }
 
 async function diskCheck(dir: string, minFree: number): Promise<DoctorCheck[]> {

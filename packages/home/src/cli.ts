@@ -2,15 +2,14 @@
 // mxtunnel-home: parses the command line, validates config, and calls the core.
 import { mkdir, readFile } from "node:fs/promises";
 import {
-  AdminUnavailable,
   AGENT_VERSION,
-  callAdminSocket,
+  askRunningAgent,
   configWarnings,
   createLogger,
   decodePairingToken,
-  doctorFailed,
   parseDuration,
-  renderDoctor,
+  printDoctor,
+  printResult,
   reportCliError,
   shutdownSignal,
   viaAgentOrLocked,
@@ -129,23 +128,13 @@ export function buildProgram(): Command {
     .requiredOption("--dir <dir>", "home state directory")
     .option("--json", "machine-readable output")
     .action(async (opts: { dir: string; json?: boolean }) => {
-      let status: HomeStatus;
-      try {
-        status = (await callAdminSocket(
-          homePaths(opts.dir).adminSocket,
-          { command: "status" },
-          5000,
-        )) as HomeStatus;
-      } catch (error) {
-        if (!(error instanceof AdminUnavailable)) throw error;
-        status = homeStatus({
+      const status =
+        (await askRunningAgent<HomeStatus>(homePaths(opts.dir).adminSocket, "status", 5000)) ??
+        homeStatus({
           state: await HomeState.open(opts.dir, { create: false }),
           spoolKeys: await SpoolKeyRing.open(opts.dir),
         });
-      }
-      process.stdout.write(
-        opts.json ? `${JSON.stringify(status, null, 2)}\n` : `${renderHomeStatus(status)}\n`,
-      );
+      printResult(status, opts.json, renderHomeStatus);
     });
 
   program
@@ -163,27 +152,13 @@ export function buildProgram(): Command {
     .action(async (opts: { dir: string; configDirectory?: string; timeout: string; json?: boolean }) => {
       const config = await loadHomeConfigFrom(opts.dir);
       const timeoutMs = parseDuration(opts.timeout, "--timeout");
-      let probe: HomeProbe | null = null;
-      try {
-        probe = (await callAdminSocket(
-          homePaths(opts.dir).adminSocket,
-          { command: "probe" },
-          15_000,
-        )) as HomeProbe;
-      } catch (error) {
-        if (!(error instanceof AdminUnavailable)) throw error;
-      }
+      const probe = await askRunningAgent<HomeProbe>(homePaths(opts.dir).adminSocket, "probe", 15_000);
       const postfix = await postfixConfigReport(
         config,
         opts.configDirectory ? { configDirectory: opts.configDirectory } : {},
       ).catch(() => null);
       const checks = await homeDoctor({ config, probe, postfix, timeoutMs });
-      process.stdout.write(
-        opts.json
-          ? `${JSON.stringify({ checks, failed: doctorFailed(checks) }, null, 2)}\n`
-          : `${renderDoctor(`mxtunnel-home doctor: ${opts.dir}`, checks)}\n`,
-      );
-      if (doctorFailed(checks)) process.exitCode = 1;
+      printDoctor(`mxtunnel-home doctor: ${opts.dir}`, checks, opts.json);
     });
 
   program

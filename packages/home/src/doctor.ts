@@ -3,9 +3,8 @@
 // Postfix lines `postfix-config` checks (relayhost, the tunnel-facing smtpd) through postconf.
 import net from "node:net";
 import {
-  CLOCK_SKEW_FAIL_MS,
-  CLOCK_SKEW_WARN_MS,
   doctorCheck as check,
+  connectedPeerChecks,
   type DoctorCheck,
   encodeProxyV1,
   encodeProxyV2,
@@ -13,7 +12,6 @@ import {
   type HomeConfig,
   type HostPort,
   type ProxyProtocolMode,
-  peerVersionProblem,
   proxyAddresses,
 } from "@mxtunnel/shared";
 import type { PostfixAdvice } from "./postfix-config.js";
@@ -95,37 +93,13 @@ function tunnelChecks(probe: HomeProbe | null): DoctorCheck[] {
       );
       continue;
     }
-    out.push(
-      check(
-        "pass",
-        "tunnel",
-        `${edge.hostname}: tunnel up, RTT ${edge.rttMs === null ? "?" : `${edge.rttMs.toFixed(1)} ms`}`,
-      ),
-    );
-    out.push(clockCheck(edge.hostname, edge.clockSkewMs));
-    const problem = peerVersionProblem(edge.peerVersion, "edge");
-    if (problem) out.push(check("warn", "version", `${edge.hostname}: ${problem}`));
+    out.push(...connectedPeerChecks(edge.hostname, edge, "edge", "edge"));
   }
   return out;
 }
 
-function clockCheck(who: string, skewMs: number | null): DoctorCheck {
-  if (skewMs === null)
-    return check(
-      "skip",
-      "clock",
-      `${who}: clock not compared (no answer to the time request; an older edge?)`,
-    );
-  const text = `${who}'s clock is ${Math.abs(skewMs)} ms ${skewMs >= 0 ? "ahead" : "behind"}`;
-  const fix = "run NTP on both machines (systemd-timesyncd or chrony)";
-  if (Math.abs(skewMs) > CLOCK_SKEW_FAIL_MS) return check("fail", "clock", text, fix);
-  if (Math.abs(skewMs) > CLOCK_SKEW_WARN_MS) return check("warn", "clock", text, fix);
-  return check("pass", "clock", text);
-}
-
 function postfixChecks(advice: PostfixAdvice | null): DoctorCheck[] {
-  if (!advice) return [check("skip", "postfix", "postconf not found: Postfix settings not checked")];
-  if (!advice.checked) return [check("skip", "postfix", "postconf not found: Postfix settings not checked")];
+  if (!advice?.checked) return [check("skip", "postfix", "postconf not found: Postfix settings not checked")];
   return advice.checks.map((c) => check(c.level, "postfix", c.message, ...(c.fix ? [c.fix] : [])));
 }
 

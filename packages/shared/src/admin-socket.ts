@@ -103,6 +103,20 @@ export function callAdminSocket(path: string, request: AdminRequest, timeoutMs =
   });
 }
 
+/** Asks the running agent (read-only commands: status, probe); null when no agent listens. */
+export async function askRunningAgent<T>(
+  socketPath: string,
+  command: string,
+  timeoutMs: number,
+): Promise<T | null> {
+  try {
+    return (await callAdminSocket(socketPath, { command }, timeoutMs)) as T;
+  } catch (error) {
+    if (error instanceof AdminUnavailable) return null;
+    throw error;
+  }
+}
+
 /**
  * What every state-changing CLI command does: ask the running agent over its admin socket, or,
  * when none runs, do the work itself while holding the state lock (`acquire`), so two writers

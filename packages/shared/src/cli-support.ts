@@ -1,6 +1,8 @@
 // What both CLIs share: turning failures into one clear line (never a stack trace for an error we
-// expect), reading a config file with flag overrides, and shutting down on SIGTERM/SIGINT.
+// expect), reading a config file with flag overrides, printing a result as text or --json, and
+// shutting down on SIGTERM/SIGINT.
 import { readFile } from "node:fs/promises";
+import { type DoctorCheck, doctorFailed, renderDoctor } from "./doctor-report.js";
 import { ConfigError, isMxtunnelError } from "./errors.js";
 
 /** Prints an error for a human and returns the exit code to use. */
@@ -50,6 +52,17 @@ export async function readConfigFile(path: string): Promise<Record<string, unkno
   } catch (error) {
     throw new ConfigError([`${path}: not valid JSON: ${(error as Error).message}`]);
   }
+}
+
+/** Writes a command's result to stdout: indented JSON with --json, otherwise the text `render` makes. */
+export function printResult<T>(value: T, json: boolean | undefined, render: (value: T) => string): void {
+  process.stdout.write(json ? `${JSON.stringify(value, null, 2)}\n` : `${render(value)}\n`);
+}
+
+/** Writes `doctor`'s checks (with --json: the checks and whether one failed); exit code 1 on a failure. */
+export function printDoctor(title: string, checks: readonly DoctorCheck[], json: boolean | undefined): void {
+  printResult({ checks, failed: doctorFailed(checks) }, json, () => renderDoctor(title, checks));
+  if (doctorFailed(checks)) process.exitCode = 1;
 }
 
 /** Sets `value` at a dotted path in a plain object (flags override config keys). */
