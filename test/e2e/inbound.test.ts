@@ -6,7 +6,7 @@ import nodemailer from "nodemailer";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { cleanupAgents, makeEdge, makeHome, type TestEdge, type TestHome } from "../helpers/agents.js";
 import { smtpOver } from "../helpers/smtp-client.js";
-import { swaks } from "../helpers/swaks.js";
+import { swaks, swaksTo } from "../helpers/swaks.js";
 import { freePort, hasIPv6Loopback } from "./lab/ports.js";
 import { type PostfixLab, startPostfix } from "./lab/postfix.js";
 import { requireTools } from "./lab/require-tools.js";
@@ -41,19 +41,13 @@ describe.skipIf(!ready)("inbound mail, live, through a real Postfix", () => {
   it("delivers swaks mail from 127.0.0.2 with the client's address in Postfix's log and Received header", async () => {
     const before = (await postfix.messages("alice")).length;
     const tag = `live-${randomBytes(4).toString("hex")}`;
-    const result = await swaks([
-      "--server",
-      "127.0.0.1",
-      "--port",
-      String(edge.smtpPort),
+    const result = await swaksTo(edge.smtpPort, `alice@${postfix.domain}`, [
       "--local-interface",
       "127.0.0.2",
       "--ehlo",
       "sender.example.net",
       "--from",
       "someone@example.net",
-      "--to",
-      `alice@${postfix.domain}`,
       "--header",
       `Subject: ${tag}`,
     ]);
@@ -96,17 +90,11 @@ describe.skipIf(!ready)("inbound mail, live, through a real Postfix", () => {
   });
 
   it("leaves relay policy to Postfix: a foreign recipient is refused", async () => {
-    const result = await swaks([
-      "--server",
-      "127.0.0.1",
-      "--port",
-      String(edge.smtpPort),
+    const result = await swaksTo(edge.smtpPort, "victim@elsewhere.example", [
       "--local-interface",
       "127.0.0.2",
       "--from",
       "someone@example.net",
-      "--to",
-      "victim@elsewhere.example",
       "--quit-after",
       "RCPT",
     ]);
@@ -116,18 +104,12 @@ describe.skipIf(!ready)("inbound mail, live, through a real Postfix", () => {
 
   it("runs STARTTLS end to end with Postfix", async () => {
     const tag = `tls-${randomBytes(4).toString("hex")}`;
-    const result = await swaks([
-      "--server",
-      "127.0.0.1",
-      "--port",
-      String(edge.smtpPort),
+    const result = await swaksTo(edge.smtpPort, `alice@${postfix.domain}`, [
       "--local-interface",
       "127.0.0.2",
       "--tls",
       "--from",
       "someone@example.net",
-      "--to",
-      `alice@${postfix.domain}`,
       "--header",
       `Subject: ${tag}`,
     ]);
@@ -160,17 +142,11 @@ describe.skipIf(!ready)("inbound mail, live, through a real Postfix", () => {
           .finally(() => transport.close()),
       );
       sends.push(
-        swaks([
-          "--server",
-          "127.0.0.1",
-          "--port",
-          String(edge.smtpPort),
+        swaksTo(edge.smtpPort, `bob@${postfix.domain}`, [
           "--local-interface",
           "127.0.0.2",
           "--from",
           "s@example.net",
-          "--to",
-          `bob@${postfix.domain}`,
           "--header",
           `Subject: ${tag} s${i}`,
         ]).then((r) => expect(r.code, r.output).toBe(0)),
@@ -242,17 +218,11 @@ describe.skipIf(!ready)("inbound failure modes", () => {
       allowPrivateClientIPs: false,
     });
     const before = (await postfix.messages("alice")).length;
-    const result = await swaks([
-      "--server",
-      "127.0.0.1",
-      "--port",
-      String(edge.smtpPort),
+    const result = await swaksTo(edge.smtpPort, `alice@${postfix.domain}`, [
       "--local-interface",
       "127.0.0.2",
       "--from",
       "x@example.net",
-      "--to",
-      `alice@${postfix.domain}`,
     ]);
     // Home reset the stream, so the edge answered the session itself (backup MX), not Postfix.
     expect(result.output).toMatch(/<- +220 mx\.edge\.test ESMTP backup MX/);
@@ -265,16 +235,7 @@ describe.skipIf(!ready)("inbound failure modes", () => {
   it("no home: the edge answers as backup MX at once, and stays up", async () => {
     const edge = await makeEdge();
     for (let i = 0; i < 3; i++) {
-      const result = await swaks([
-        "--server",
-        "127.0.0.1",
-        "--port",
-        String(edge.smtpPort),
-        "--to",
-        `alice@${postfix.domain}`,
-        "--quit-after",
-        "RCPT",
-      ]);
+      const result = await swaksTo(edge.smtpPort, `alice@${postfix.domain}`, ["--quit-after", "RCPT"]);
       expect(result.output).toMatch(/<- +220 mx\.edge\.test ESMTP backup MX/);
     }
     expect(edge.agent.status().sessions.fallbacks).toBe(3);

@@ -1,18 +1,16 @@
 // Issue 4: spooled mail that home's Postfix refuses for good gets a DSN only when the sender was
 // authenticated at spool time (here: SPF pass); a forged sender's message is quarantined.
-import { execFile } from "node:child_process";
 import { readdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Mailbox, startMailbox } from "../../demo/src/mailbox.js";
 import { cleanupAgents, makeEdge, makeHome, startTestHome, tempDir } from "../helpers/agents.js";
 import { startDnsServer as startTestDns, type TestDnsServer } from "../helpers/dns-server.js";
+import { swaksTo } from "../helpers/swaks.js";
 import { type PostfixLab, startPostfix } from "./lab/postfix.js";
 import { requireTools } from "./lab/require-tools.js";
 import { waitFor } from "./lab/wait.js";
 
-const exec = promisify(execFile);
 const ready = requireTools(["postfix", "postconf", "swaks"], "spool DSN suite");
 
 describe.skipIf(!ready)(
@@ -62,23 +60,18 @@ describe.skipIf(!ready)(
       await waitFor(() => !edge.agent.status().homes[0]!.connected, { what: "home gone" });
 
       for (const from of ["someone@sender.test", "liar@forged.test"]) {
-        const { stdout } = await exec("swaks", [
-          "--server",
-          "127.0.0.1",
-          "--port",
-          String(edge.smtpPort),
+        const sent = await swaksTo(edge.smtpPort, `ghost@${postfix.domain}`, [
           "--local-interface",
           "127.0.0.2",
           "--ehlo",
           "client.example",
           "--from",
           from,
-          "--to",
-          `ghost@${postfix.domain}`,
           "--header",
           `Subject: to a ghost from ${from}`,
         ]);
-        expect(stdout).toMatch(/<- +250 .*backup MX/);
+        expect(sent.code, sent.output).toBe(0);
+        expect(sent.output).toMatch(/<- +250 .*backup MX/);
       }
       const entries = await waitFor(
         () => {

@@ -20,7 +20,7 @@ import {
   tempDir,
 } from "../helpers/agents.js";
 import { type SmtpClient, smtpOver } from "../helpers/smtp-client.js";
-import { swaks } from "../helpers/swaks.js";
+import { swaksTo } from "../helpers/swaks.js";
 import { type PostfixLab, startPostfix } from "./lab/postfix.js";
 import { requireTools } from "./lab/require-tools.js";
 import { waitFor } from "./lab/wait.js";
@@ -92,19 +92,13 @@ describe.skipIf(!ready)("backup MX: spooling while home is away", () => {
   it("answers 250 with home away, holds nothing readable, and delivers once with the client's IP when home is back", async () => {
     const tag = `spool-${randomBytes(6).toString("hex")}`;
     const body = `body-${randomBytes(6).toString("hex")}`;
-    const result = await swaks([
-      "--server",
-      "127.0.0.1",
-      "--port",
-      String(edge.smtpPort),
+    const result = await swaksTo(edge.smtpPort, `alice@${postfix.domain}`, [
       "--local-interface",
       "127.0.0.2",
       "--ehlo",
       "far.example.net",
       "--from",
       "sender@example.net",
-      "--to",
-      `alice@${postfix.domain}`,
       "--header",
       `Subject: ${tag}`,
       "--body",
@@ -132,38 +126,11 @@ describe.skipIf(!ready)("backup MX: spooling while home is away", () => {
   });
 
   it("refuses unknown recipients (550), foreign domains (550 5.7.1) and oversize mail (552)", async () => {
-    const unknown = await swaks([
-      "--server",
-      "127.0.0.1",
-      "--port",
-      String(edge.smtpPort),
-      "--to",
-      `nobody@${postfix.domain}`,
-      "--quit-after",
-      "RCPT",
-    ]);
+    const unknown = await swaksTo(edge.smtpPort, `nobody@${postfix.domain}`, ["--quit-after", "RCPT"]);
     expect(unknown.output).toMatch(/<\*\* +550 5\.1\.1/);
-    const extension = await swaks([
-      "--server",
-      "127.0.0.1",
-      "--port",
-      String(edge.smtpPort),
-      "--to",
-      `alice+lists@${postfix.domain}`,
-      "--quit-after",
-      "RCPT",
-    ]);
+    const extension = await swaksTo(edge.smtpPort, `alice+lists@${postfix.domain}`, ["--quit-after", "RCPT"]);
     expect(extension.output).toMatch(/<- +250/);
-    const postmaster = await swaks([
-      "--server",
-      "127.0.0.1",
-      "--port",
-      String(edge.smtpPort),
-      "--to",
-      `postmaster@${postfix.domain}`,
-      "--quit-after",
-      "RCPT",
-    ]);
+    const postmaster = await swaksTo(edge.smtpPort, `postmaster@${postfix.domain}`, ["--quit-after", "RCPT"]);
     expect(postmaster.output).toMatch(/<- +250/);
     for (const trick of [
       "victim@elsewhere.example",
@@ -171,30 +138,12 @@ describe.skipIf(!ready)("backup MX: spooling while home is away", () => {
       `alice%elsewhere.example@${postfix.domain}`,
       "alice@[127.0.0.1]",
     ]) {
-      const relay = await swaks([
-        "--server",
-        "127.0.0.1",
-        "--port",
-        String(edge.smtpPort),
-        "--to",
-        trick,
-        "--quit-after",
-        "RCPT",
-      ]);
+      const relay = await swaksTo(edge.smtpPort, trick, ["--quit-after", "RCPT"]);
       expect(relay.output, trick).toMatch(/<\*\* +5\d\d /);
     }
     const bodyFile = join(await tempDir("big"), "body.txt");
     await writeFile(bodyFile, `${"x".repeat(998)}\r\n`.repeat(300));
-    const big = await swaks([
-      "--server",
-      "127.0.0.1",
-      "--port",
-      String(edge.smtpPort),
-      "--to",
-      `alice@${postfix.domain}`,
-      "--body",
-      `@${bodyFile}`,
-    ]);
+    const big = await swaksTo(edge.smtpPort, `alice@${postfix.domain}`, ["--body", `@${bodyFile}`]);
     expect(big.output).toMatch(/<\*\* +552 /);
     expect(edge.agent.spool.store.size).toBe(0);
   });
@@ -270,14 +219,7 @@ describe.skipIf(!ready)("backup MX: spooling while home is away", () => {
     });
     await fullHome.stop();
     await waitFor(() => !full.agent.status().homes[0]!.connected, { what: "home gone" });
-    const result = await swaks([
-      "--server",
-      "127.0.0.1",
-      "--port",
-      String(full.smtpPort),
-      "--to",
-      `alice@${postfix.domain}`,
-    ]);
+    const result = await swaksTo(full.smtpPort, `alice@${postfix.domain}`);
     expect(result.output).toMatch(/<\*\* +451 4\.3\.0/);
     expect(full.agent.spool.store.size).toBe(0);
     expect(await readdir(join(full.dir, "spool", "tmp"))).toEqual([]);
@@ -285,16 +227,7 @@ describe.skipIf(!ready)("backup MX: spooling while home is away", () => {
 
   it("lists the spool with `queue` (never content), and flushes and deletes by id", async () => {
     const tag = `queue-${randomBytes(6).toString("hex")}`;
-    const sent = await swaks([
-      "--server",
-      "127.0.0.1",
-      "--port",
-      String(edge.smtpPort),
-      "--to",
-      `bob@${postfix.domain}`,
-      "--header",
-      `Subject: ${tag}`,
-    ]);
+    const sent = await swaksTo(edge.smtpPort, `bob@${postfix.domain}`, ["--header", `Subject: ${tag}`]);
     expect(sent.code, sent.output).toBe(0);
     const cli = (args: string[]) =>
       exec(process.execPath, [join(root, "packages/edge/dist/cli.js"), ...args, "--dir", edge.dir]);
@@ -319,16 +252,7 @@ describe.skipIf(!ready)("backup MX: spooling while home is away", () => {
 
   it("quarantines a spool file with a flipped byte at start and never delivers it", async () => {
     const tag = `flip-${randomBytes(6).toString("hex")}`;
-    const result = await swaks([
-      "--server",
-      "127.0.0.1",
-      "--port",
-      String(edge.smtpPort),
-      "--to",
-      `bob@${postfix.domain}`,
-      "--header",
-      `Subject: ${tag}`,
-    ]);
+    const result = await swaksTo(edge.smtpPort, `bob@${postfix.domain}`, ["--header", `Subject: ${tag}`]);
     expect(result.code, result.output).toBe(0);
     const [entry] = edge.agent.spool.store.list();
     expect(entry).toBeDefined();
@@ -363,16 +287,7 @@ describe.skipIf(!ready)("backup MX before the first recipient sync", () => {
     const home = await makeHome(await edge.token(), { "postfix.inject": `127.0.0.1:${postfix.injectPort}` });
     await home.stop();
     await waitFor(() => !edge.agent.status().homes[0]!.connected, { what: "home gone" });
-    const result = await swaks([
-      "--server",
-      "127.0.0.1",
-      "--port",
-      String(edge.smtpPort),
-      "--to",
-      `alice@${postfix.domain}`,
-      "--quit-after",
-      "RCPT",
-    ]);
+    const result = await swaksTo(edge.smtpPort, `alice@${postfix.domain}`, ["--quit-after", "RCPT"]);
     expect(result.output).toMatch(/<\*\* +450 4\.3\.2 .*not synced/);
   });
 });

@@ -21,3 +21,8 @@ export async function swaks(args: string[]): Promise<SwaksResult> {
     return { code: typeof e.code === "number" ? e.code : 1, output: `${e.stdout ?? ""}${e.stderr ?? ""}` };
   }
 }
+
+/** swaks to `to` through the SMTP server on loopback `port`; `args` add to or override the rest. */
+export function swaksTo(port: number, to: string, args: string[] = []): Promise<SwaksResult> {
+  return swaks(["--server", "127.0.0.1", "--port", String(port), "--to", to, ...args]);
+}
