@@ -4,11 +4,18 @@
 // trick is on the sender, since any recipient is fair game outbound). Goal: zero accepted.
 import { randomBytes } from "node:crypto";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { freePort } from "../e2e/lab/ports.js";
-import { type PostfixLab, startPostfix } from "../e2e/lab/postfix.js";
+import type { PostfixLab } from "../e2e/lab/postfix.js";
 import { requireTools } from "../e2e/lab/require-tools.js";
-import { cleanupAgents, makeEdge, makeHome, type TestEdge } from "../helpers/agents.js";
-import { closeAllClients, type SpoolLab, smtpConnect, spoolLab, Tally } from "./support.js";
+import { cleanupAgents, type TestEdge } from "../helpers/agents.js";
+import {
+  closeAllClients,
+  liveLab,
+  relayLab,
+  type SpoolLab,
+  smtpConnect,
+  spoolLab,
+  Tally,
+} from "./support.js";
 
 const tally = new Tally("open-relay");
 afterAll(() => tally.flush());
@@ -121,9 +128,7 @@ describe("open relay: home's outbound relay listener", () => {
   let relayPort: number;
 
   beforeAll(async () => {
-    edge = await makeEdge();
-    relayPort = await freePort();
-    await makeHome(await edge.token(), { relayListen: `127.0.0.1:${relayPort}` }, "relay-home");
+    ({ edge, relayPort } = await relayLab());
   }, 60_000);
   afterAll(cleanupAgents);
 
@@ -212,14 +217,9 @@ describe.skipIf(!ready)("open relay: the edge in live mode, spliced to a real Po
   let edge: TestEdge;
 
   beforeAll(async () => {
-    postfix = await startPostfix();
-    edge = await makeEdge();
-    await makeHome(await edge.token(), { "postfix.inject": `127.0.0.1:${postfix.injectPort}` }, "live-home");
+    ({ postfix, edge } = await liveLab());
   }, 120_000);
-  afterAll(async () => {
-    await cleanupAgents();
-    await postfix?.stop();
-  });
+  afterAll(cleanupAgents);
 
   it("Postfix behind the tunnel refuses every trick (the PROXY header keeps the client untrusted)", async () => {
     // Positive control: a local recipient is accepted live (Postfix's banner, not the backup MX).

@@ -8,13 +8,14 @@ import { once } from "node:events";
 import net from "node:net";
 import tls from "node:tls";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { freePort } from "../e2e/lab/ports.js";
-import { type PostfixLab, startPostfix } from "../e2e/lab/postfix.js";
+import type { PostfixLab } from "../e2e/lab/postfix.js";
 import { requireTools } from "../e2e/lab/require-tools.js";
 import { waitFor } from "../e2e/lab/wait.js";
-import { cleanupAgents, makeEdge, makeHome, type TestEdge } from "../helpers/agents.js";
+import { cleanupAgents, type TestEdge } from "../helpers/agents.js";
 import {
   closeAllClients,
+  liveLab,
+  relayLab,
   type SmtpClient,
   type SpoolLab,
   smtpConnect,
@@ -190,21 +191,16 @@ async function rawReceiver() {
 }
 
 describe("smuggling: outbound, home relay listener → edge → remote MX", () => {
-  let edge: TestEdge;
   let relayPort: number;
   let rx: Awaited<ReturnType<typeof rawReceiver>>;
 
   beforeAll(async () => {
     rx = await rawReceiver();
-    relayPort = await freePort();
-    edge = await makeEdge({
-      overrides: {
-        transports: { "remote.test": `127.0.0.1:${rx.port}` },
-        "outbound.retryMin": 100,
-        "outbound.retryMax": 400,
-      },
-    });
-    await makeHome(await edge.token(), { relayListen: `127.0.0.1:${relayPort}` }, "relay-home");
+    ({ relayPort } = await relayLab({
+      transports: { "remote.test": `127.0.0.1:${rx.port}` },
+      "outbound.retryMin": 100,
+      "outbound.retryMax": 400,
+    }));
   }, 60_000);
   afterAll(async () => {
     await cleanupAgents();
@@ -299,14 +295,9 @@ describe.skipIf(!ready)("smuggling and STARTTLS: live mode, Postfix behind the t
   let edge: TestEdge;
 
   beforeAll(async () => {
-    postfix = await startPostfix();
-    edge = await makeEdge();
-    await makeHome(await edge.token(), { "postfix.inject": `127.0.0.1:${postfix.injectPort}` }, "live-home");
+    ({ postfix, edge } = await liveLab());
   }, 120_000);
-  afterAll(async () => {
-    await cleanupAgents();
-    await postfix?.stop();
-  });
+  afterAll(cleanupAgents);
 
   it("never delivers a second message or envelope, stepwise and pipelined", async () => {
     let tried = 0;

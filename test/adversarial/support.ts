@@ -1,7 +1,8 @@
 // Shared pieces of the adversarial suite: a byte-exact SMTP client from a chosen loopback address,
-// an edge in backup-MX mode (home paired, recipient list synced, then gone), a raw authenticated
-// home tunnel the test drives, and the tally every file prints (and may write as JSON) so that
-// SECURITY.md's table comes from real runs.
+// an edge in backup-MX mode (home paired, recipient list synced, then gone), in live mode (home
+// connected, a real Postfix behind it) and with a home's outbound relay listener, a raw
+// authenticated home tunnel the test drives, and the tally every file prints (and may write as
+// JSON) so that SECURITY.md's table comes from real runs.
 import { mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { connectToEdge, type HomeState } from "@mxtunnel/home";
@@ -16,8 +17,10 @@ import {
   type WebSocketTransport,
 } from "@mxtunnel/shared";
 import { type Mailbox, startMailbox } from "../../demo/src/mailbox.js";
+import { freePort } from "../e2e/lab/ports.js";
+import { type PostfixLab, startPostfix } from "../e2e/lab/postfix.js";
 import { waitFor } from "../e2e/lab/wait.js";
-import { makeEdge, makeHome, type TestEdge, tempDir } from "../helpers/agents.js";
+import { cleanupLater, makeEdge, makeHome, type TestEdge, tempDir } from "../helpers/agents.js";
 
 // ---- tally ----------------------------------------------------------------------------------------
 
@@ -100,6 +103,30 @@ export async function spoolLab(edgeOverrides: Record<string, unknown> = {}): Pro
   await home.stop();
   await waitFor(() => !edge.agent.status().homes[0]!.connected, { what: "the edge to see home gone" });
   return { edge, homeDir: home.dir, box, recipientsFile, homeOverrides };
+}
+
+// ---- an edge in live mode, and a home's outbound relay listener -----------------------------------
+
+/**
+ * An edge whose home is connected and injects into a real Postfix: port 25 sessions are spliced
+ * live. Postfix stops at cleanupAgents, after the agents.
+ */
+export async function liveLab(): Promise<{ postfix: PostfixLab; edge: TestEdge }> {
+  const postfix = await startPostfix();
+  cleanupLater(() => postfix.stop());
+  const edge = await makeEdge();
+  await makeHome(await edge.token(), { "postfix.inject": `127.0.0.1:${postfix.injectPort}` }, "live-home");
+  return { postfix, edge };
+}
+
+/** An edge with a connected home whose outbound relay listener (Postfix's relayhost) is on relayPort. */
+export async function relayLab(
+  edgeOverrides: Record<string, unknown> = {},
+): Promise<{ edge: TestEdge; relayPort: number }> {
+  const relayPort = await freePort();
+  const edge = await makeEdge({ overrides: edgeOverrides });
+  await makeHome(await edge.token(), { relayListen: `127.0.0.1:${relayPort}` }, "relay-home");
+  return { edge, relayPort };
 }
 
 // ---- raw tunnel ----------------------------------------------------------------------------------

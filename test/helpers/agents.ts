@@ -26,6 +26,11 @@ export async function cleanupAgents(): Promise<void> {
   while (cleanups.length) await cleanups.pop()!().catch(() => {});
 }
 
+/** Runs `step` at the next cleanupAgents, after what is made later (a lab server the agents use). */
+export function cleanupLater(step: () => Promise<void>): void {
+  cleanups.push(step);
+}
+
 export async function tempDir(prefix: string): Promise<string> {
   const dir = await mkdtemp(join(tmpdir(), `mxt-${prefix}-`));
   cleanups.push(() => rm(dir, { recursive: true, force: true }));
