@@ -9,7 +9,16 @@ import path from "node:path";
 import { freePort } from "./ports.js";
 import { ensureUser } from "./postfix.js";
 import { toolPath } from "./require-tools.js";
-import { groupAlive, isAlive, killQuietly, spawnReaper, waitFor, waitForEvent, waitForExit } from "./wait.js";
+import {
+  groupAlive,
+  isAlive,
+  killQuietly,
+  spawnReaper,
+  waitFor,
+  waitForEvent,
+  waitForExit,
+  waitForLogMatch,
+} from "./wait.js";
 
 export interface DovecotOptions {
   /** Default "alice" (created with `useradd -m` when missing). */
@@ -102,17 +111,7 @@ export async function startDovecot(options: DovecotOptions = {}): Promise<Doveco
       password,
       masterPid: pid,
       log: readLog,
-      async waitForLog(pattern, timeoutMs = 10_000) {
-        return waitFor(
-          async () => {
-            const text = await readLog();
-            return (typeof pattern === "string" ? text.includes(pattern) : pattern.test(text))
-              ? text
-              : undefined;
-          },
-          { timeoutMs, intervalMs: 50, what: `the Dovecot log to match ${String(pattern)}` },
-        );
-      },
+      waitForLog: (pattern, timeoutMs = 10_000) => waitForLogMatch(readLog, pattern, timeoutMs, "Dovecot"),
       async stop() {
         onExit.delete(cleanupOnExit);
         if (reaperPid !== undefined) killQuietly(reaperPid, "SIGKILL");

@@ -33,7 +33,15 @@ import path from "node:path";
 import { promisify } from "node:util";
 import { freePort, hasIPv6Loopback } from "./ports.js";
 import { toolPath } from "./require-tools.js";
-import { groupAlive, isAlive, killQuietly, spawnReaper, waitFor, waitForExit } from "./wait.js";
+import {
+  groupAlive,
+  isAlive,
+  killQuietly,
+  spawnReaper,
+  waitFor,
+  waitForExit,
+  waitForLogMatch,
+} from "./wait.js";
 
 const run = promisify(execFile);
 
@@ -198,17 +206,7 @@ export async function startPostfix(options: PostfixOptions = {}): Promise<Postfi
         );
       },
       log: readLog,
-      async waitForLog(pattern, timeoutMs = 10_000) {
-        return waitFor(
-          async () => {
-            const text = await readLog();
-            return (typeof pattern === "string" ? text.includes(pattern) : pattern.test(text))
-              ? text
-              : undefined;
-          },
-          { timeoutMs, intervalMs: 50, what: `the Postfix log to match ${String(pattern)}` },
-        );
-      },
+      waitForLog: (pattern, timeoutMs = 10_000) => waitForLogMatch(readLog, pattern, timeoutMs, "Postfix"),
       async postconf(args) {
         const { stdout } = await run(postconfBin, ["-c", configDir, ...args]);
         if (editsConfig(args)) {

@@ -48,6 +48,22 @@ export async function waitFor<T>(
   }
 }
 
+/** Polls a log until it contains `pattern` (text or RegExp); resolves with the whole log then. */
+export function waitForLogMatch(
+  readLog: () => Promise<string>,
+  pattern: RegExp | string,
+  timeoutMs: number,
+  logName: string,
+): Promise<string> {
+  return waitFor(
+    async () => {
+      const text = await readLog();
+      return (typeof pattern === "string" ? text.includes(pattern) : pattern.test(text)) ? text : undefined;
+    },
+    { timeoutMs, intervalMs: 50, what: `the ${logName} log to match ${String(pattern)}` },
+  );
+}
+
 /** Resolves with the event's arguments, or rejects on `error` or when the deadline passes. */
 export async function waitForEvent(
   emitter: EventEmitter,
