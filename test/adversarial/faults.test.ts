@@ -4,7 +4,6 @@
 // like MTAs: no 250, try again. Afterwards every message that got a 250 is delivered whole, and
 // duplicates (a 250 lost after the message was committed) are counted, never a loss.
 // Kill -9 of either agent under load is test/e2e/spool-crash.test.ts (binaries, seeded schedule).
-import { createHash, randomBytes } from "node:crypto";
 import * as fs from "node:fs/promises";
 import net from "node:net";
 import nodemailer from "nodemailer";
@@ -12,48 +11,35 @@ import { afterAll, afterEach, describe, expect, it } from "vitest";
 import { type Mailbox, type ReceivedMessage, startMailbox } from "../../demo/src/mailbox.js";
 import { waitFor } from "../e2e/lab/wait.js";
 import { cleanupAgents, makeEdge, makeHome, startTestHome, type TestEdge } from "../helpers/agents.js";
+import { intactCopies, prng, taggedMessage } from "../helpers/tagged-mail.js";
 import { Tally } from "./support.js";
 
 const tally = new Tally("faults");
 afterAll(() => tally.flush());
 afterEach(cleanupAgents);
 
-/** mulberry32: the same seed gives the same fault schedule. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 const SEED = Number(process.env.MXTUNNEL_FAULT_SEED ?? 20261201);
 
-function message(tag: string, size: number): string {
-  const body = `${randomBytes(size).toString("base64").replace(/.{76}/g, "$&\r\n")}\r\n`;
-  const digest = createHash("sha256").update(body).digest("hex");
-  return `Subject: ${tag}\r\nX-Digest: ${digest}\r\n\r\n${body}END-${tag}\r\n`;
-}
-
-/** tag → intact copies; throws on a torn one. */
-function copies(received: ReceivedMessage[]): Map<string, number> {
-  const out = new Map<string, number>();
-  for (const m of received) {
-    const text = m.data.toString("latin1");
-    const tag = /^Subject: (fault-\S+)/m.exec(text)?.[1];
-    if (!tag) continue;
-    const digest = /^X-Digest: (\w+)/m.exec(text)?.[1];
-    const body = text.slice(text.indexOf("\r\n\r\n") + 4);
-    const payload = body.slice(0, body.lastIndexOf(`END-${tag}`));
-    if (!body.includes(`END-${tag}`) || createHash("sha256").update(payload).digest("hex") !== digest) {
-      throw new Error(`message ${tag} was delivered torn`);
-    }
-    out.set(tag, (out.get(tag) ?? 0) + 1);
-  }
-  return out;
+/**
+ * Once the edge's spool has drained, waits for every acknowledged message to arrive intact among
+ * `received()`; resolves with tag → intact copies (throws on a torn one).
+ */
+async function deliveredAfterDrain(
+  edge: TestEdge,
+  acknowledged: Set<string>,
+  received: () => ReceivedMessage[],
+): Promise<Map<string, number>> {
+  await waitFor(() => edge.agent.spool.store.size === 0, { what: "the spool drained", timeoutMs: 30_000 });
+  return waitFor(
+    () => {
+      const copies = intactCopies(
+        received().map((m) => m.data.toString("latin1")),
+        "fault-",
+      );
+      return [...acknowledged].every((tag) => copies.has(tag)) ? copies : undefined;
+    },
+    { what: "every acknowledged message delivered", timeoutMs: 20_000 },
+  );
 }
 
 /** Sends `total` messages with `workers` MTAs that retry on anything but 250; calls `onAck` after each 250. */
@@ -69,7 +55,7 @@ async function load(
   const worker = async () => {
     while (next < total) {
       const tag = `fault-${SEED}-${next++}`;
-      const raw = message(tag, options.size ?? 60_000);
+      const raw = taggedMessage(tag, options.size ?? 60_000);
       for (let attempt = 0; attempt < 30; attempt++) {
         attempts++;
         const transport = nodemailer.createTransport({
@@ -200,14 +186,7 @@ describe("faults under load", () => {
       what: "the tunnel back",
       timeoutMs: 15_000,
     });
-    await waitFor(() => edge.agent.spool.store.size === 0, { what: "the spool drained", timeoutMs: 30_000 });
-    const found = await waitFor(
-      () => {
-        const c = copies(box.messages);
-        return [...result.acknowledged].every((t) => c.has(t)) ? c : undefined;
-      },
-      { what: "every acknowledged message delivered", timeoutMs: 20_000 },
-    );
+    const found = await deliveredAfterDrain(edge, result.acknowledged, () => box.messages);
     const { lost, duplicates } = report(
       "fault: tunnel cut mid-stream",
       result.acknowledged,
@@ -251,14 +230,7 @@ describe("faults under load", () => {
     expect(edge.agent.spool.store.size).toBeGreaterThan(0);
     // Postfix is back: the drain delivers what was spooled meanwhile.
     box = await startMailbox({ port });
-    await waitFor(() => edge.agent.spool.store.size === 0, { what: "the spool drained", timeoutMs: 30_000 });
-    const found = await waitFor(
-      () => {
-        const c = copies([...received, ...box.messages]);
-        return [...first.acknowledged].every((t) => c.has(t)) ? c : undefined;
-      },
-      { what: "every acknowledged message delivered", timeoutMs: 20_000 },
-    );
+    const found = await deliveredAfterDrain(edge, first.acknowledged, () => [...received, ...box.messages]);
     const { lost, duplicates } = report("fault: inject target (Postfix) down", first.acknowledged, found, 1);
     console.info(
       `inject target down after 8 acks: ${first.acknowledged.size}/${total} acknowledged, ${fallbacks} sessions spooled, ` +
@@ -303,14 +275,7 @@ describe("faults under load", () => {
       "recipients.file": `${edge.dir}/recipients.txt`,
     });
     await back.agent.waitConnected(10_000);
-    await waitFor(() => edge.agent.spool.store.size === 0, { what: "the spool drained", timeoutMs: 30_000 });
-    const found = await waitFor(
-      () => {
-        const c = copies(box.messages);
-        return [...result.acknowledged].every((t) => c.has(t)) ? c : undefined;
-      },
-      { what: "every acknowledged message delivered", timeoutMs: 20_000 },
-    );
+    const found = await deliveredAfterDrain(edge, result.acknowledged, () => box.messages);
     const { lost, duplicates } = report(
       "fault: ENOSPC on spool writes",
       result.acknowledged,

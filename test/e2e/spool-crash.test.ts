@@ -2,7 +2,6 @@
 // while the spool drains. Afterwards every message that got a 250 is delivered, whole, and the
 // only extra copies are the ones SMTP itself cannot avoid (committed, then the 250 was lost).
 import { type ChildProcess, spawn } from "node:child_process";
-import { createHash, randomBytes } from "node:crypto";
 import { once } from "node:events";
 import { readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
@@ -10,6 +9,7 @@ import { fileURLToPath } from "node:url";
 import nodemailer from "nodemailer";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { cleanupAgents, makeEdge, pairedHomeDir, startTestHome, tempDir } from "../helpers/agents.js";
+import { intactCopies, prng, taggedMessage } from "../helpers/tagged-mail.js";
 
 import { type PostfixLab, startPostfix } from "./lab/postfix.js";
 import { requireTools } from "./lab/require-tools.js";
@@ -20,39 +20,9 @@ const root = fileURLToPath(new URL("../..", import.meta.url));
 const EDGE = join(root, "packages/edge/dist/cli.js");
 const HOME = join(root, "packages/home/dist/cli.js");
 
-/** A small seeded PRNG (mulberry32): the same seed gives the same kill schedule. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-function message(tag: string): { raw: string; digest: string } {
-  const body = `${randomBytes(3000).toString("base64").replace(/.{76}/g, "$&\r\n")}\r\n`;
-  const digest = createHash("sha256").update(body).digest("hex");
-  return { raw: `Subject: ${tag}\r\nX-Digest: ${digest}\r\n\r\n${body}END-${tag}\r\n`, digest };
-}
-
 /** tag → number of intact copies in the Maildir; throws on a torn copy. */
 async function deliveredCopies(postfix: PostfixLab, user: string): Promise<Map<string, number>> {
-  const copies = new Map<string, number>();
-  for (const text of await postfix.messages(user)) {
-    const tag = /^Subject: (crash-\S+)/m.exec(text)?.[1];
-    if (!tag) continue;
-    const digest = /^X-Digest: (\w+)/m.exec(text)?.[1];
-    const body = text.slice(text.indexOf("\n\n") + 2).replace(/\r?\n/g, "\r\n");
-    const payload = body.slice(0, body.lastIndexOf(`END-${tag}`));
-    if (!body.includes(`END-${tag}`) || createHash("sha256").update(payload).digest("hex") !== digest) {
-      throw new Error(`message ${tag} was delivered torn`);
-    }
-    copies.set(tag, (copies.get(tag) ?? 0) + 1);
-  }
-  return copies;
+  return intactCopies(await postfix.messages(user), "crash-");
 }
 
 function spawnAgent(bin: string, dir: string, children: Set<ChildProcess>): ChildProcess {
@@ -132,7 +102,7 @@ describe.skipIf(!ready)("crashes while spooling and draining", () => {
     const send = async (i: number) => {
       const tag = `crash-${seed}-${i}`;
       attempted.push(tag);
-      const { raw } = message(tag);
+      const raw = taggedMessage(tag, 3000);
       const transport = nodemailer.createTransport({
         host: "127.0.0.1",
         port: edge.smtpPort,
@@ -228,7 +198,7 @@ describe.skipIf(!ready)("crashes while spooling and draining", () => {
       });
       const info = await transport.sendMail({
         envelope: { from: "x@example.net", to: [`dave@${postfix.domain}`] },
-        raw: message(tag).raw,
+        raw: taggedMessage(tag, 3000),
       });
       transport.close();
       expect(info.response).toMatch(/^250 /);
