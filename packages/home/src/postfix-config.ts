@@ -267,6 +267,21 @@ function proxyWhy(mode: ProxyProtocolMode, what: string, server: "Postfix" | "Do
     : `${what} starts with a PROXY v1 text line carrying the real client address`;
 }
 
+/** The smtpd overrides against SMTP smuggling on a tunnel-facing port (the knob when Postfix has it). */
+function bareNewlineLines(bareNewline: "reject" | "yes" | undefined): AdviceLine[] {
+  const lines: AdviceLine[] = [];
+  if (bareNewline)
+    lines.push({
+      text: `  -o smtpd_forbid_bare_newline=${bareNewline}`,
+      why: "SMTP smuggling: refuse bare <LF> line endings from Internet clients",
+    });
+  lines.push({
+    text: "  -o smtpd_forbid_bare_newline_exclusions=",
+    why: "the default ($mynetworks) must exempt nobody on this port",
+  });
+  return lines;
+}
+
 function smtpdLines(
   listen: string,
   mode: ProxyProtocolMode,
@@ -287,15 +302,7 @@ function smtpdLines(
     text: "  -o mynetworks=",
     why: "every session arrives from loopback: trusting it as local (permit_mynetworks) would make an open relay",
   });
-  if (bareNewline)
-    lines.push({
-      text: `  -o smtpd_forbid_bare_newline=${bareNewline}`,
-      why: "SMTP smuggling: refuse bare <LF> line endings from Internet clients",
-    });
-  lines.push({
-    text: "  -o smtpd_forbid_bare_newline_exclusions=",
-    why: "the default ($mynetworks) must exempt nobody on this port",
-  });
+  lines.push(...bareNewlineLines(bareNewline));
   return lines;
 }
 
@@ -329,15 +336,7 @@ function postscreenLines(
       why: "tunnelled clients must never be trusted as local: loopback in mynetworks would make an open relay",
     },
   );
-  if (bareNewline)
-    lines.push({
-      text: `  -o smtpd_forbid_bare_newline=${bareNewline}`,
-      why: "SMTP smuggling: refuse bare <LF> line endings from Internet clients",
-    });
-  lines.push({
-    text: "  -o smtpd_forbid_bare_newline_exclusions=",
-    why: "the default ($mynetworks) must exempt nobody on this port",
-  });
+  lines.push(...bareNewlineLines(bareNewline));
   return lines;
 }
 
