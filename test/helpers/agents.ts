@@ -2,7 +2,14 @@
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { type EdgeAgent, initEdge, issuePairingToken, loadEdgeConfigFrom, startEdge } from "@mxtunnel/edge";
+import {
+  type EdgeAgent,
+  type EdgeAgentOptions,
+  initEdge,
+  issuePairingToken,
+  loadEdgeConfigFrom,
+  startEdge,
+} from "@mxtunnel/edge";
 import {
   ensureHomeConfig,
   type HomeAgent,
@@ -49,7 +56,12 @@ export interface TestEdge {
 }
 
 export async function makeEdge(
-  options: { domains?: string[]; overrides?: Record<string, unknown> } = {},
+  options: {
+    domains?: string[];
+    overrides?: Record<string, unknown>;
+    /** Fault injection: replaces fs/promises open for spool files (see EdgeAgentOptions). */
+    spoolOpenFile?: EdgeAgentOptions["spoolOpenFile"];
+  } = {},
 ): Promise<TestEdge> {
   const dir = await tempDir("edge");
   const smtpPort = await freePort();
