@@ -90,8 +90,13 @@ async function connect(port: number, localAddress: string): Promise<Client> {
       const all = await client.until(/^\d{3} [^\r\n]*\r\n/m, from);
       return all.slice(from);
     },
-    waitClosed: () =>
-      waitFor(() => closed, { timeoutMs: 10_000, intervalMs: 5, what: "the server to close the connection" }),
+    async waitClosed() {
+      await waitFor(() => closed, {
+        timeoutMs: 10_000,
+        intervalMs: 5,
+        what: "the server to close the connection",
+      });
+    },
   };
   return client;
 }
