@@ -85,7 +85,9 @@ export async function startHome(options: HomeAgentOptions): Promise<HomeAgent> {
     dispatch.onStream("forward", (stream) => connector.handle(stream));
 
     // Backup MX: the edge drains what it spooled while we were away; we open it and hand it to Postfix.
-    const injectedLog = await InjectedLog.open(join(dir, "injected.log"));
+    const injectedLog = await InjectedLog.open(join(dir, "injected.log"), {
+      logger: logger.child({ component: "spool" }),
+    });
     cleanups.push(() => injectedLog.close());
     const injector = new SpoolInjector({
       spoolKeyPair: state.spoolKeyPair,
