@@ -3,18 +3,20 @@
 // status, the doctor probes (tunnel, RTT, clock, services) and Prometheus metrics.
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { dkimRecords } from "@mxtunnel/edge";
+import { dkimRecords, type EdgeStatus, renderEdgeStatus } from "@mxtunnel/edge";
 import {
+  type HomeStatus,
   homeDoctor,
   loadHomeConfigFrom,
   pairWithEdge,
   probeService,
+  renderHomeStatus,
   SpoolKeyRing,
   startHome,
 } from "@mxtunnel/home";
-import { callAdminSocket, keyFingerprint, parseHomeConfig } from "@mxtunnel/shared";
+import { callAdminSocket, keyFingerprint, Mux, parseHomeConfig } from "@mxtunnel/shared";
 import nodemailer from "nodemailer";
-import { afterEach, describe, expect, it } from "vitest";
+import { afterEach, describe, expect, it, vi } from "vitest";
 import { type Mailbox, startMailbox } from "../../demo/src/mailbox.js";
 import { freePort } from "../e2e/lab/ports.js";
 import { waitFor } from "../e2e/lab/wait.js";
@@ -257,6 +259,16 @@ describe("status, probes and metrics", () => {
     const homeProbe = await home.agent.probe();
     expect(homeProbe.edges[0]).toMatchObject({ connected: true, clockSkewMs: expect.any(Number) });
 
+    // The skew `status` shows is measured on its own when the tunnel comes up (same clock here: ~0).
+    const edgeSkew = await waitFor(() => edge.agent.status().homes[0]?.clockSkewMs ?? undefined, {
+      what: "the edge's status to show home's clock skew",
+    });
+    expect(Math.abs(edgeSkew)).toBeLessThan(1000);
+    const homeSkew = await waitFor(() => home.agent.status().edges[0]?.clockSkewMs ?? undefined, {
+      what: "home's status to show the edge's clock skew",
+    });
+    expect(Math.abs(homeSkew)).toBeLessThan(1000);
+
     let status = edge.agent.status();
     expect(status.today).toMatchObject({ inboundSessions: 1 });
     expect(status.homes[0]).toMatchObject({
@@ -284,12 +296,55 @@ describe("status, probes and metrics", () => {
     await waitFor(() => !connected(edge), { what: "the edge to see home gone" });
     status = edge.agent.status();
     expect(status.homes[0]?.downSince).toEqual(expect.any(String));
+    expect(status.homes[0]?.clockSkewMs).toBeNull();
     expect(status.warnings).toEqual([
       expect.stringMatching(/^home home has been disconnected for \d+s .*inbound mail is spooled$/),
     ]);
     expect(status.lastErrors[0]?.message).toMatch(/^tunnel of home home down/);
     const after = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
     expect(after).toContain('mxtunnel_edge_tunnel_up{home="home"} 0');
+  });
+
+  it("shows a skewed peer clock in status (JSON over the admin socket, table) and warns about it", async () => {
+    // Fault injection: every `time` answer claims a clock 5 s ahead, so each side sees the other ahead.
+    const sendControl = Mux.prototype.sendControl;
+    const skewed = vi.spyOn(Mux.prototype, "sendControl").mockImplementation(function (this: Mux, message) {
+      const shifted =
+        message.type === "time" && typeof message.now === "number"
+          ? { ...message, now: message.now + 5000 }
+          : message;
+      sendControl.call(this, shifted);
+    });
+    try {
+      const edge = await makeEdge();
+      const home = await makeHome(await edge.token());
+      await waitFor(() => (edge.agent.status().homes[0]?.clockSkewMs ?? 0) > 4000, {
+        what: "the edge to measure home's clock",
+      });
+      await waitFor(() => (home.agent.status().edges[0]?.clockSkewMs ?? 0) > 4000, {
+        what: "home to measure the edge's clock",
+      });
+
+      const edgeStatus = (await callAdminSocket(join(edge.dir, "admin.sock"), {
+        command: "status",
+      })) as EdgeStatus;
+      expect(edgeStatus.homes[0]?.clockSkewMs).toBeGreaterThan(4000);
+      expect(edgeStatus.warnings).toEqual([
+        expect.stringMatching(/^home home's clock is \d+ ms ahead: run NTP on both machines/),
+      ]);
+      expect(renderEdgeStatus(edgeStatus)).toMatch(/^home +yes +\S+ +\+\d{4}ms /m);
+
+      const homeStatus = (await callAdminSocket(join(home.dir, "admin.sock"), {
+        command: "status",
+      })) as HomeStatus;
+      expect(homeStatus.edges[0]?.clockSkewMs).toBeGreaterThan(4000);
+      expect(homeStatus.warnings).toEqual([
+        expect.stringMatching(/^mx\.edge\.test's clock is \d+ ms ahead: run NTP on both machines/),
+      ]);
+      expect(renderHomeStatus(homeStatus)).toMatch(/^mx\.edge\.test +yes +\S+ +\+\d{4}ms /m);
+    } finally {
+      skewed.mockRestore();
+    }
   });
 
   it("warns about a pairing token about to expire unused and about a nearly full disk", async () => {

@@ -1,5 +1,7 @@
 // What the running edge remembers for `status` and metrics beyond its live objects: since when each
-// home's tunnel is down, today's message counts (counters since UTC midnight), and the last errors.
+// home's tunnel is down, each connected home's clock skew, today's message counts (counters since UTC
+// midnight), and the last errors.
+import { PeerClockWatch } from "@mxtunnel/shared";
 import type { TunnelServer } from "./tunnel-server.js";
 
 export interface DailyCounts {
@@ -24,6 +26,7 @@ const MAX_ERRORS = 10;
 
 export class EdgeMonitor {
   private readonly downSince = new Map<string, number>();
+  private readonly clocks = new Map<string, PeerClockWatch>();
   private readonly errors: RecentError[] = [];
   private day: string;
   private baseline: Totals;
@@ -37,7 +40,11 @@ export class EdgeMonitor {
   ) {
     this.day = utcDate(now());
     this.baseline = zero();
-    tunnels.on("up", (tunnel) => this.downSince.delete(tunnel.home.publicKey));
+    tunnels.on("up", (tunnel) => {
+      this.downSince.delete(tunnel.home.publicKey);
+      this.clocks.get(tunnel.home.publicKey)?.stop();
+      this.clocks.set(tunnel.home.publicKey, new PeerClockWatch(tunnel.mux));
+    });
     tunnels.on("down", (tunnel, reason) => {
       if (tunnels.tunnelOf(tunnel.home.publicKey)) return; // replaced by a newer tunnel
       this.downSince.set(tunnel.home.publicKey, this.now());
@@ -50,6 +57,12 @@ export class EdgeMonitor {
 
   stop(): void {
     clearInterval(this.timer);
+    for (const clock of this.clocks.values()) clock.stop();
+  }
+
+  /** The home's clock minus ours as last measured over its current tunnel (null: not connected or not answered). */
+  clockSkewMs(homePublicKey: string): number | null {
+    return this.clocks.get(homePublicKey)?.skewMs ?? null;
   }
 
   /** When the home's tunnel went down (the agent's start if it never came up since). */

@@ -1,5 +1,11 @@
 // What `mxtunnel-edge status` reports, as one JSON shape (the human table is rendered from it).
-import { AGENT_VERSION, type EdgeConfig, peerVersionProblem } from "@mxtunnel/shared";
+import {
+  AGENT_VERSION,
+  clockSkewWarning,
+  type EdgeConfig,
+  formatClockSkew,
+  peerVersionProblem,
+} from "@mxtunnel/shared";
 import type { ForwardListener } from "./forward-listener.js";
 import type { DailyCounts, EdgeMonitor, RecentError } from "./monitor.js";
 import type { OutboundQueue } from "./outbound-queue.js";
@@ -32,6 +38,8 @@ export interface EdgeStatus {
     downSince: string | null;
     remoteAddress: string | null;
     rttMs: number | null;
+    /** The home's clock minus the edge's, in ms, as last measured (null: not connected or not answered). */
+    clockSkewMs: number | null;
     sessions: number;
     peerVersion: string | null;
     /** One sentence when the home's version is outside the range this edge supports. */
@@ -90,6 +98,7 @@ export function edgeStatus(input: {
       downSince: downSince === null ? null : new Date(downSince).toISOString(),
       remoteAddress: tunnel?.remoteAddress ?? null,
       rttMs: tunnel?.mux.lastRttMs ?? null,
+      clockSkewMs: connected ? (running?.monitor?.clockSkewMs(home.publicKey) ?? null) : null,
       sessions: tunnel?.mux.stats().openStreams ?? 0,
       peerVersion,
       versionProblem: peerVersionProblem(peerVersion, "home"),
@@ -118,6 +127,8 @@ export function edgeStatus(input: {
         `home ${home.name} has been disconnected for ${formatDuration(now - Date.parse(home.downSince))} (since ${home.downSince}): inbound mail is spooled`,
       );
     if (home.versionProblem) warnings.push(`home ${home.name}: ${home.versionProblem}`);
+    const skew = clockSkewWarning(`home ${home.name}`, home.clockSkewMs);
+    if (skew) warnings.push(skew);
   }
   if (freeBytes !== null && freeBytes < config.checks.minFreeSpace)
     warnings.push(
@@ -173,7 +184,7 @@ export function renderEdgeStatus(status: EdgeStatus): string {
     `key ${status.fingerprint}   domains ${status.domains.join(", ")}`,
     "",
     status.homes.length
-      ? "HOME                 CONNECTED  RTT     SESSIONS  VERSION   SINCE"
+      ? "HOME                 CONNECTED  RTT     CLOCK     SESSIONS  VERSION   SINCE"
       : "no homes paired yet: `mxtunnel-edge pair --dir …`",
   ];
   for (const home of status.homes) {
@@ -183,7 +194,7 @@ export function renderEdgeStatus(status: EdgeStatus): string {
         ? `down since ${home.downSince}`
         : "-";
     lines.push(
-      `${home.name.padEnd(20)} ${(home.connected ? "yes" : "no").padEnd(10)} ${(home.rttMs === null ? "-" : `${home.rttMs.toFixed(1)}ms`).padEnd(7)} ${String(home.sessions).padEnd(9)} ${(home.peerVersion ?? "-").padEnd(9)} ${since ?? "-"}`,
+      `${home.name.padEnd(20)} ${(home.connected ? "yes" : "no").padEnd(10)} ${(home.rttMs === null ? "-" : `${home.rttMs.toFixed(1)}ms`).padEnd(7)} ${formatClockSkew(home.clockSkewMs).padEnd(9)} ${String(home.sessions).padEnd(9)} ${(home.peerVersion ?? "-").padEnd(9)} ${since ?? "-"}`,
     );
   }
   const age = (q: QueueSummary) =>

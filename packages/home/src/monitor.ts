@@ -1,5 +1,7 @@
 // What the running home remembers for `status` beyond its live objects: since when each edge's
-// tunnel is down, today's counts (counters since UTC midnight), and the last errors.
+// tunnel is down, each connected edge's clock skew, today's counts (counters since UTC midnight), and
+// the last errors.
+import { type Mux, PeerClockWatch } from "@mxtunnel/shared";
 import type { EdgeLink } from "./edge-link.js";
 
 export interface HomeDailyCounts {
@@ -21,6 +23,7 @@ const MAX_ERRORS = 10;
 
 export class HomeMonitor {
   private readonly downSince = new Map<EdgeLink, number>();
+  private readonly clocks = new Map<EdgeLink, PeerClockWatch>();
   private readonly errors: { at: string; message: string }[] = [];
   private day: string;
   private baseline: HomeTotals = { forwarded: 0, injectedFromSpool: 0, relayed: 0, relayRefused: 0 };
@@ -36,7 +39,11 @@ export class HomeMonitor {
   }
 
   watch(link: EdgeLink): void {
-    link.on("up", () => this.downSince.delete(link));
+    link.on("up", (mux: Mux) => {
+      this.downSince.delete(link);
+      this.clocks.get(link)?.stop();
+      this.clocks.set(link, new PeerClockWatch(mux));
+    });
     link.on("down", (reason) => {
       this.downSince.set(link, Date.now());
       this.error(`tunnel to ${link.edge.hostname} down: ${reason}`);
@@ -45,6 +52,12 @@ export class HomeMonitor {
 
   stop(): void {
     clearInterval(this.timer);
+    for (const clock of this.clocks.values()) clock.stop();
+  }
+
+  /** The edge's clock minus ours as last measured over its current tunnel (null: not connected or not answered). */
+  clockSkewMs(link: EdgeLink): number | null {
+    return this.clocks.get(link)?.skewMs ?? null;
   }
 
   edgeDownSince(link: EdgeLink): number {

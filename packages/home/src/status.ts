@@ -1,5 +1,5 @@
 // What `mxtunnel-home status` reports: one JSON shape, and a compact table rendered from it.
-import { AGENT_VERSION, peerVersionProblem } from "@mxtunnel/shared";
+import { AGENT_VERSION, clockSkewWarning, formatClockSkew, peerVersionProblem } from "@mxtunnel/shared";
 import type { EdgeLink, EdgeLinkStatus } from "./edge-link.js";
 import type { HomeDailyCounts, HomeMonitor } from "./monitor.js";
 import type { SpoolKeyRing, SpoolKeyStatus } from "./spool-keys.js";
@@ -9,6 +9,8 @@ import type { HomeState } from "./state.js";
 export const EDGE_DOWN_WARNING_MS = 15 * 60_000;
 
 export interface HomeEdgeStatus extends EdgeLinkStatus {
+  /** The edge's clock minus home's, in ms, as last measured (null: not connected or not answered). */
+  clockSkewMs: number | null;
   /** While disconnected: since when (the agent's start if it has not connected since). */
   downSince: string | null;
   /** One sentence when the edge's version is outside the range this home supports. */
@@ -55,6 +57,7 @@ export function homeStatus(input: {
       running && link && !base.connected ? (running.monitor?.edgeDownSince(link) ?? running.startedAt) : null;
     return {
       ...base,
+      clockSkewMs: link && base.connected ? (running?.monitor?.clockSkewMs(link) ?? null) : null,
       downSince: downSince === null ? null : new Date(downSince).toISOString(),
       versionProblem: peerVersionProblem(base.peerVersion, "edge"),
     };
@@ -71,6 +74,8 @@ export function homeStatus(input: {
         `no tunnel to ${edge.hostname} since ${edge.downSince}${edge.lastError ? ` (${edge.lastError})` : ""}`,
       );
     if (edge.versionProblem) warnings.push(`${edge.hostname}: ${edge.versionProblem}`);
+    const skew = clockSkewWarning(edge.hostname, edge.clockSkewMs);
+    if (skew) warnings.push(skew);
   }
   if (running && edges.length > 0 && edges.every((e) => !e.connected))
     warnings.push("no edge is connected: outbound mail is deferred (Postfix retries)");
@@ -99,7 +104,7 @@ export function renderHomeStatus(status: HomeStatus): string {
     `mxtunnel-home ${status.version}  ${status.running ? `running ${status.uptimeSeconds}s` : "not running"}  key ${status.fingerprint}`,
     "",
     status.edges.length
-      ? "EDGE                         CONNECTED  RTT      VERSION   SINCE / LAST ERROR"
+      ? "EDGE                         CONNECTED  RTT      CLOCK     VERSION   SINCE / LAST ERROR"
       : "no edge paired yet: `mxtunnel-home pair - --dir …`",
   ];
   for (const edge of status.edges) {
@@ -107,7 +112,7 @@ export function renderHomeStatus(status: HomeStatus): string {
       ? edge.connectedSince
       : [edge.downSince ? `down since ${edge.downSince}` : null, edge.lastError].filter(Boolean).join(": ");
     lines.push(
-      `${edge.hostname.padEnd(28)} ${(edge.connected ? "yes" : "no").padEnd(10)} ${(edge.rttMs === null ? "-" : `${edge.rttMs.toFixed(1)}ms`).padEnd(8)} ${(edge.peerVersion ?? "-").padEnd(9)} ${since || "-"}`,
+      `${edge.hostname.padEnd(28)} ${(edge.connected ? "yes" : "no").padEnd(10)} ${(edge.rttMs === null ? "-" : `${edge.rttMs.toFixed(1)}ms`).padEnd(8)} ${formatClockSkew(edge.clockSkewMs).padEnd(9)} ${(edge.peerVersion ?? "-").padEnd(9)} ${since || "-"}`,
     );
   }
   if (status.today) {

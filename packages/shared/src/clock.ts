@@ -55,6 +55,57 @@ export async function measurePeer(
   return { live: true, rttMs, clockSkewMs };
 }
 
+/** How often a running agent re-measures the skew with each connected peer (for `status`). */
+export const CLOCK_WATCH_INTERVAL_MS = 60_000;
+
+/**
+ * The last measured clock skew with one connected peer, for `status`. Measured when the tunnel comes
+ * up, then every intervalMs, with the same time-request `doctor` sends. It cannot ride on the mux's
+ * periodic PING: a PONG only echoes an opaque 8-byte key, no clock, and changing that would change
+ * the wire protocol; one CONTROL message each way a minute is a few dozen bytes next to a PING every
+ * 15 s. A measurement without an answer (an older peer, a busy tunnel) keeps the previous value.
+ */
+export class PeerClockWatch {
+  #skewMs: number | null = null;
+  #measuring = false;
+  readonly #timer: NodeJS.Timeout;
+
+  constructor(
+    private readonly mux: Mux,
+    intervalMs = CLOCK_WATCH_INTERVAL_MS,
+    private readonly answerTimeoutMs = 3000,
+  ) {
+    this.#timer = setInterval(() => this.#measure(), intervalMs);
+    this.#timer.unref();
+    mux.once("close", () => this.stop());
+    this.#measure();
+  }
+
+  /** The peer's clock minus ours, in ms (positive: the peer is ahead); null when never answered or the tunnel is closed. */
+  get skewMs(): number | null {
+    return this.mux.closed ? null : this.#skewMs;
+  }
+
+  stop(): void {
+    clearInterval(this.#timer);
+  }
+
+  #measure(): void {
+    if (this.#measuring || this.mux.closed) return;
+    this.#measuring = true;
+    void measureClockSkew(this.mux, this.answerTimeoutMs).then((skew) => {
+      this.#measuring = false;
+      if (skew !== null) this.#skewMs = skew;
+    });
+  }
+}
+
+/** A skew for the status tables: "+1200ms" (the peer ahead), "-35ms", or "-" when not measured. */
+export function formatClockSkew(skewMs: number | null): string {
+  if (skewMs === null) return "-";
+  return `${skewMs >= 0 ? "+" : ""}${skewMs}ms`;
+}
+
 /** Skew beyond these is a warning, then a failure (DKIM t=, token expiry, logs that disagree). */
 export const CLOCK_SKEW_WARN_MS = 2_000;
 export const CLOCK_SKEW_FAIL_MS = 60_000;

@@ -51,6 +51,13 @@ export function clockCheck(who: string, skewMs: number | null, olderPeer: string
   return doctorCheck("pass", "clock", text);
 }
 
+/** The line `status` lists among its warnings when the last measured skew fails clockCheck (else null). */
+export function clockSkewWarning(who: string, skewMs: number | null): string | null {
+  if (skewMs === null) return null;
+  const check = clockCheck(who, skewMs, "peer");
+  return check.level === "pass" ? null : `${check.message}: ${check.fix}`;
+}
+
 /** The checks of a peer whose tunnel is up, as the running agent measured it (`who` names it). */
 export function connectedPeerChecks(
   who: string,
