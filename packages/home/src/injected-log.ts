@@ -49,8 +49,9 @@ export class InjectedLog {
   /** Appends and compactions run one at a time, in order. */
   private queue: Promise<void> = Promise.resolve();
   private appendedSinceCompaction = 0;
-  private keptAtCompaction: number;
+  private keptAtCompaction = 0;
   private compacting = false;
+  private closed = false;
 
   private constructor(
     private readonly path: string,
@@ -58,7 +59,6 @@ export class InjectedLog {
     recordedAt: Map<string, number>,
   ) {
     this.recordedAt = recordedAt;
-    this.keptAtCompaction = recordedAt.size;
   }
 
   static async open(path: string, options: InjectedLogOptions): Promise<InjectedLog> {
@@ -76,7 +76,12 @@ export class InjectedLog {
       // dropping it never lets a message through twice; refusing to start would stop all inbound
       // mail over damage that cannot matter.
       options.logger.warn(
-        { file: path, lines: parsed.skipped.map((s) => s.line), first: parsed.skipped[0]!.sample },
+        {
+          file: path,
+          count: parsed.skipped.length,
+          lines: parsed.skipped.slice(0, 20).map((s) => s.line),
+          first: parsed.skipped[0]!.sample,
+        },
         "injected-id log: skipped lines that are not records of a delivered spool id",
       );
     }
@@ -87,6 +92,7 @@ export class InjectedLog {
       );
     const log = new InjectedLog(path, options, parsed.recordedAt);
     const canonical = log.keepYoung(now());
+    log.keptAtCompaction = log.size;
     // Rewritten whenever anything changes: expired ids, skipped lines, or a torn tail (which the next
     // append would otherwise run into).
     if (canonical !== text) await writeFileAtomic(path, canonical, { mode: 0o600 });
@@ -104,12 +110,22 @@ export class InjectedLog {
 
   async record(id: string): Promise<void> {
     await this.serially(async () => {
-      this.handle ??= await open(this.path, "a", 0o600);
-      const at = this.now();
-      await this.handle.appendFile(recordLine(id, at));
-      await this.handle.datasync();
-      this.recordedAt.set(id, at);
-      this.appendedSinceCompaction++;
+      const handle = this.handle ?? (await open(this.path, "a", 0o600));
+      // After close (a delivery finishing during shutdown) the id is still written, with a handle of
+      // its own: Postfix has the message, and an unrecorded id would be delivered again.
+      if (!this.closed) this.handle = handle;
+      try {
+        const at = this.now();
+        await handle.appendFile(recordLine(id, at));
+        await handle.datasync();
+        this.recordedAt.set(id, at);
+        this.appendedSinceCompaction++;
+      } finally {
+        if (this.closed) {
+          if (this.handle === handle) this.handle = undefined;
+          await handle.close();
+        }
+      }
     });
     const due = Math.max(this.options.compactAfterLines ?? COMPACT_AFTER_LINES, this.keptAtCompaction);
     if (!this.compacting && this.appendedSinceCompaction >= due) {
@@ -142,6 +158,7 @@ export class InjectedLog {
   }
 
   close(): Promise<void> {
+    this.closed = true;
     return this.serially(async () => {
       await this.handle?.close();
       this.handle = undefined;

@@ -110,6 +110,19 @@ describe("InjectedLog", () => {
     expect(await readFile(path, "utf8")).toBe(line("b", now) + line("c", now));
   });
 
+  it("still records an id that arrives after close (a delivery finishing during shutdown)", async () => {
+    const { logger } = capturingLogger();
+    const log = await InjectedLog.open(path, { logger, now: () => T0 });
+    await log.record("before");
+    const late = log.record("queued-before-close");
+    await log.close();
+    await late;
+    await log.record("after-close");
+    expect(await readFile(path, "utf8")).toBe(
+      line("before", T0) + line("queued-before-close", T0) + line("after-close", T0),
+    );
+  });
+
   it("loses nothing when a compaction crashed before its rename (temp file left behind)", async () => {
     const { logger } = capturingLogger();
     const full = line("m1", T0) + line("m2", T0) + line("m3", T0);
@@ -150,6 +163,7 @@ describe("InjectedLog", () => {
     const skipped = lines.find((l) => l.msg.includes("skipped lines"));
     expect(skipped?.level).toBe(40);
     expect(skipped?.lines).toEqual([2, 3, 4]);
+    expect(skipped?.count).toBe(3);
     expect(lines.find((l) => l.msg.includes("without a readable time"))?.count).toBe(2);
     await log.close();
     // The file is rewritten clean: the garbage is gone, the undated ids carry the time they were read.
