@@ -325,6 +325,45 @@ describe("outbound queue", () => {
     expect(h.dsns).toHaveLength(0);
   });
 
+  it("keeps a relay id across a crash after RESULT: no marker yet, the entry restores it; a resend dedupes", async () => {
+    const h = await harness(() => "deferred");
+    const body = message();
+    const m = meta(body);
+    expect(await h.relay(m, body)).toEqual({ status: "queued", id: m.id });
+    // What a kill -9 right after RESULT leaves: body and envelope, no seen/ marker (it is written
+    // only when the entry leaves the queue).
+    const files = await readdir(join(dir, "outbound"));
+    expect(files.filter((f) => f.endsWith(".eml") || f.endsWith(".json"))).toHaveLength(2);
+    expect(await readdir(join(dir, "outbound", "seen"))).toEqual([]);
+    await h.stop();
+    harnesses.pop();
+    const again = await harness();
+    expect(await again.relay(m, body)).toEqual({ status: "queued", id: m.id, duplicate: true });
+    await until(() => again.queue.size === 0, "the restored entry to be delivered");
+    expect(again.deliveries).toHaveLength(1);
+    // Delivered: the envelope became the marker, so the id outlives the entry, also across a restart.
+    expect(await readdir(join(dir, "outbound", "seen"))).toHaveLength(1);
+    await again.stop();
+    harnesses.pop();
+    const third = await harness();
+    expect(await third.relay(m, body)).toEqual({ status: "queued", id: m.id, duplicate: true });
+    expect(third.queue.size).toBe(0);
+    expect(third.deliveries).toHaveLength(0);
+  });
+
+  it("drops an envelope without its body at start (written side by side, never answered)", async () => {
+    const h = await harness(() => "deferred");
+    const body = message();
+    await h.relay(meta(body), body);
+    await h.stop();
+    harnesses.pop();
+    const { writeFile } = await import("node:fs/promises");
+    await writeFile(join(dir, "outbound", "feedfacefeedface.json"), "{}");
+    const again = await harness(() => "deferred");
+    expect(again.queue.size).toBe(1);
+    expect((await readdir(join(dir, "outbound"))).includes("feedfacefeedface.json")).toBe(false);
+  });
+
   it("drops a half-written body at start, keeps committed entries", async () => {
     const h = await harness(() => "deferred");
     const body = message();
