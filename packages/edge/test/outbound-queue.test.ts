@@ -1,4 +1,5 @@
 import { randomBytes } from "node:crypto";
+import { readdirSync } from "node:fs";
 import { mkdtemp, readdir, readFile, rm, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -13,6 +14,7 @@ import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import type { RecipientResult } from "../src/delivery.js";
 import type { HomeMailbox } from "../src/home-mailbox.js";
 import {
+  DEDUP_WINDOW_MS,
   domainAllowed,
   OutboundQueue,
   type OutboundQueueOptions,
@@ -349,6 +351,22 @@ describe("outbound queue", () => {
     expect(await third.relay(m, body)).toEqual({ status: "queued", id: m.id, duplicate: true });
     expect(third.queue.size).toBe(0);
     expect(third.deliveries).toHaveLength(0);
+  });
+
+  it("forgets a delivered relay id after the 24 h window, on disk too", async () => {
+    let now = 1_000_000;
+    const h = await harness(() => "delivered", { now: () => now });
+    const body = message();
+    const m = meta(body);
+    await h.relay(m, body);
+    await until(() => h.queue.size === 0, "delivery");
+    expect(await h.relay(m, body)).toEqual({ status: "queued", id: m.id, duplicate: true });
+    now += DEDUP_WINDOW_MS + 120_000;
+    h.queue.flush(); // a run of the queue prunes what expired
+    await until(() => h.deliveries.length === 1 && h.queue.size === 0, "an idle queue");
+    const seenDir = join(dir, "outbound", "seen");
+    await until(() => readdirSync(seenDir).length === 0, "the expired marker removed");
+    expect(await h.relay(m, body)).toEqual({ status: "queued", id: m.id });
   });
 
   it("drops an envelope without its body at start (written side by side, never answered)", async () => {
