@@ -573,13 +573,28 @@ export class OutboundQueue {
       this.pruneSeen(now);
     }
     // Entries are in the map oldest first (start() loads them sorted; new ones are appended).
+    // One pass over each waiting entry's recipients, no arrays built: with a backlog (mail accepted
+    // faster than one domain takes it) this loop runs over every entry on every kick.
     for (const entry of this.entries.values()) {
       if (this.active.has(entry.id)) continue;
-      const due = entry.recipients.filter((r) => r.state === "pending" && r.nextAttemptAt <= now);
-      const later = entry.recipients.filter((r) => r.state === "pending" && r.nextAttemptAt > now);
-      for (const r of later) wake = Math.min(wake, r.nextAttemptAt);
-      if (due.length === 0) {
-        if (entry.recipients.every((r) => r.state !== "pending")) this.track(this.finish(entry));
+      let pending = false;
+      let due = false;
+      // One domain per entry at a time keeps the entry's file writes in order: the first due
+      // recipient's domain that has a delivery slot free.
+      let domain: string | undefined;
+      for (const r of entry.recipients) {
+        if (r.state !== "pending") continue;
+        pending = true;
+        if (r.nextAttemptAt > now) {
+          if (r.nextAttemptAt < wake) wake = r.nextAttemptAt;
+          continue;
+        }
+        due = true;
+        if (domain === undefined && (this.activePerDomain.get(r.domain) ?? 0) < settings.concurrencyPerDomain)
+          domain = r.domain;
+      }
+      if (!due) {
+        if (!pending) this.track(this.finish(entry));
         continue;
       }
       if (this.active.size >= settings.concurrency) break;
@@ -587,18 +602,11 @@ export class OutboundQueue {
         this.track(this.runDsn(entry));
         continue;
       }
-      // One domain per entry at a time keeps the entry's file writes in order.
-      const domain = due
-        .map((r) => r.domain)
-        .find((d) => (this.activePerDomain.get(d) ?? 0) < settings.concurrencyPerDomain);
       if (domain === undefined) continue;
-      this.track(
-        this.runDomain(
-          entry,
-          domain,
-          due.filter((r) => r.domain === domain),
-        ),
+      const recipients = entry.recipients.filter(
+        (r) => r.state === "pending" && r.nextAttemptAt <= now && r.domain === domain,
       );
+      this.track(this.runDomain(entry, domain, recipients));
     }
     clearTimeout(this.timer);
     if (Number.isFinite(wake)) {
