@@ -86,7 +86,7 @@ export class TunnelServer extends EventEmitter<TunnelServerEvents> {
    * map is in deadline order and one timer, armed for the oldest, serves them all (instead of a
    * timer per handshake).
    */
-  private readonly deadlines = new Map<WebSocketTransport, number>();
+  private readonly deadlines = new Map<WebSocketTransport, { at: number; release: () => void }>();
   private deadlineTimer: NodeJS.Timeout | undefined;
   private readonly tunnels = new Map<string, Tunnel>();
   private readonly sockets = new Set<WebSocket>();
@@ -194,7 +194,7 @@ export class TunnelServer extends EventEmitter<TunnelServerEvents> {
       this.pending--;
       this.deadlines.delete(transport);
     };
-    this.deadlines.set(transport, Date.now() + this.options.limits.authTimeoutMs);
+    this.deadlines.set(transport, { at: Date.now() + this.options.limits.authTimeoutMs, release });
     this.armDeadlineTimer();
     transport.once("close", release);
     return release;
@@ -204,18 +204,17 @@ export class TunnelServer extends EventEmitter<TunnelServerEvents> {
     if (this.deadlineTimer !== undefined) return;
     const first = this.deadlines.values().next();
     if (first.done) return;
-    this.deadlineTimer = setTimeout(this.closeOverdue, Math.max(0, first.value - Date.now()));
+    this.deadlineTimer = setTimeout(this.closeOverdue, Math.max(0, first.value.at - Date.now()));
     this.deadlineTimer.unref();
   }
 
   private readonly closeOverdue = (): void => {
     this.deadlineTimer = undefined;
     const now = Date.now();
-    for (const [transport, deadline] of this.deadlines) {
-      if (deadline > now) break;
-      this.deadlines.delete(transport);
-      // Its "close" listener releases the pending slot.
+    for (const [transport, { at, release }] of this.deadlines) {
+      if (at > now) break;
       transport.close(CloseCode.AUTH_TIMEOUT, "authentication deadline passed");
+      release();
     }
     this.armDeadlineTimer();
   };
