@@ -2,15 +2,18 @@
 // durably (temp, fsync, rename, fsync dir) and only then answered `queued`; a runner delivers them
 // (DKIM-signed, one connection per recipient domain), retries temporary failures with doubling
 // delays up to outbound.maxAge, and turns permanent failures into a DSN that goes back to the
-// sender's home. Relay ids are remembered for 24 h, durably, so a lost RESULT never sends twice.
+// sender's home. Relay ids are remembered durably while their message is queued and for 24 h after it
+// left, so a lost RESULT never sends twice.
 //
-// On disk (DIR/outbound): <id>.eml (the message as received) and <id>.json (envelope and state; the
-// commit point), seen/<key> (relay ids, one empty file each). Bodies are never logged or listed.
+// On disk (DIR/outbound): <id>.eml (the message as received) and <id>.json (envelope and state); an
+// entry exists once both are in place and the directory is synced, and only then is it answered.
+// seen/<key>: relay ids of messages that have left the queue (the entry's .json, moved there in the
+// same step that removes the entry, so no state lacks both). Bodies are never logged or listed.
 import { createHash, randomBytes } from "node:crypto";
-import { mkdir, readdir, readFile, stat, unlink } from "node:fs/promises";
+import { mkdir, open, readdir, readFile, rename, stat, unlink } from "node:fs/promises";
 import net from "node:net";
 import os from "node:os";
-import { join } from "node:path";
+import { basename, dirname, join } from "node:path";
 import {
   buildDsn,
   type EdgeConfig,
@@ -119,6 +122,8 @@ export interface OutboundQueueOptions {
 }
 
 export const DEDUP_WINDOW_MS = 24 * 3600_000;
+/** How often the remembered relay ids are checked for expiry (not on every run of the queue). */
+const PRUNE_INTERVAL_MS = 60_000;
 const ID = /^[0-9a-f]{32}$/;
 const MAX_ADDRESS = 320;
 
@@ -209,8 +214,11 @@ export class OutboundQueue {
   private readonly dir: string;
   private readonly seenDir: string;
   private readonly entries = new Map<string, QueueEntry>();
-  /** dedup key → first seen (epoch ms) */
+  /** dedup key → when its message left the queue (epoch ms); kept DEDUP_WINDOW_MS */
   private readonly seen = new Map<string, number>();
+  /** dedup keys of the relay entries in `entries` */
+  private readonly queuedKeys = new Set<string>();
+  private nextPruneAt = 0;
   private readonly inFlight = new Set<string>();
   private readonly buckets = new Map<string, TokenBucket>();
   private readonly active = new Set<string>();
@@ -241,19 +249,22 @@ export class OutboundQueue {
   /** Loads the queue from disk, drops half-written files, restores dedup ids, and starts the runner. */
   async start(): Promise<void> {
     await mkdir(this.seenDir, { recursive: true, mode: 0o700 });
-    const names = await readdir(this.dir);
-    const metas = new Set(names.filter((n) => n.endsWith(".json")).map((n) => n.slice(0, -5)));
+    const names = new Set(await readdir(this.dir));
+    const loaded: QueueEntry[] = [];
     for (const name of names) {
       if (name.startsWith(".") && name.endsWith(".tmp")) await unlink(join(this.dir, name)).catch(() => {});
-      // A body without its envelope was never acknowledged: the home still holds the message.
-      if (name.endsWith(".eml") && !metas.has(name.slice(0, -4)))
-        await unlink(join(this.dir, name)).catch(() => {});
+      // Half an entry (a body without its envelope, or the other way round) was never acknowledged:
+      // the home still holds the message. Both halves are written before the answer.
+      const half = name.endsWith(".eml")
+        ? !names.has(`${name.slice(0, -4)}.json`)
+        : name.endsWith(".json") && !names.has(`${name.slice(0, -5)}.eml`);
+      if (half) await unlink(join(this.dir, name)).catch(() => {});
     }
-    for (const id of metas) {
-      const path = join(this.dir, `${id}.json`);
+    for (const name of names) {
+      if (!name.endsWith(".json") || name.startsWith(".") || !names.has(`${name.slice(0, -5)}.eml`)) continue;
+      const path = join(this.dir, name);
       try {
-        const entry = JSON.parse(await readFile(path, "utf8")) as QueueEntry;
-        this.entries.set(entry.id, entry);
+        loaded.push(JSON.parse(await readFile(path, "utf8")) as QueueEntry);
       } catch (error) {
         this.options.logger.error(
           { file: path, err: (error as Error).message },
@@ -261,6 +272,8 @@ export class OutboundQueue {
         );
       }
     }
+    // The map's order is the order the runner tries entries in: oldest first.
+    for (const entry of loaded.sort((a, b) => a.createdAt - b.createdAt)) this.addEntry(entry);
     const cutoff = this.now() - DEDUP_WINDOW_MS;
     for (const name of await readdir(this.seenDir)) {
       const path = join(this.seenDir, name);
@@ -272,14 +285,9 @@ export class OutboundQueue {
       if (at < cutoff) await unlink(path).catch(() => {});
       else this.seen.set(name, at);
     }
-    // A crash between an entry's commit and its dedup file: the entry itself proves the id was taken.
-    for (const entry of this.entries.values()) {
-      if (!entry.relayId) continue;
-      const key = dedupKey(entry.home, entry.relayId);
-      if (!this.seen.has(key)) await this.remember(key, entry.createdAt);
-    }
+    this.nextPruneAt = this.now() + PRUNE_INTERVAL_MS;
     this.options.logger.info(
-      { entries: this.entries.size, relayIds: this.seen.size },
+      { entries: this.entries.size, relayIds: this.seen.size + this.queuedKeys.size },
       "outbound queue loaded",
     );
     this.kick();
@@ -373,7 +381,7 @@ export class OutboundQueue {
       if (!domainAllowed(domainOf(address), home.domains))
         throw reject(550, "5.7.1", `header From <${address}> is not in this home's domains`);
     }
-    if (this.seen.has(key) || this.inFlight.has(key)) {
+    if (this.isKnown(key)) {
       this.counters.duplicates++;
       return { status: "queued", id: meta.id, duplicate: true };
     }
@@ -387,33 +395,16 @@ export class OutboundQueue {
     }
     this.inFlight.add(key);
     try {
-      if (this.seen.has(key)) return { status: "queued", id: meta.id, duplicate: true };
-      const now = this.now();
-      const entry: QueueEntry = {
-        version: 1,
-        id: randomBytes(8).toString("hex"),
+      const entry = this.newEntry({
         kind: "relay",
         relayId: meta.id,
-        home: home.publicKey,
-        homeName: home.name,
+        home,
         mailFrom: meta.mailFrom,
         params: meta.params,
-        recipients: meta.rcptTo.map((r) => ({
-          address: r.address,
-          params: r.params,
-          domain: domainOf(r.address),
-          state: "pending",
-          tries: 0,
-          nextAttemptAt: now,
-        })),
-        size: message.length,
-        sha256: createHash("sha256").update(message).digest("hex"),
-        createdAt: now,
-        expiresAt: now + settings.maxAge,
-        tries: 0,
-      };
+        recipients: meta.rcptTo,
+        message,
+      });
       await this.commit(entry, message);
-      await this.remember(key, now);
       this.counters.queued++;
       this.options.logger.info(
         { id: entry.id, relayId: meta.id, home: home.name, rcpt: entry.recipients.length, size: entry.size },
@@ -435,29 +426,14 @@ export class OutboundQueue {
     message: Buffer,
     home: { publicKey: string; name: string },
   ): Promise<string> {
-    const now = this.now();
-    const entry: QueueEntry = {
-      version: 1,
-      id: randomBytes(8).toString("hex"),
+    const entry = this.newEntry({
       kind: "relay",
-      home: home.publicKey,
-      homeName: home.name,
+      home,
       mailFrom: envelope.mailFrom,
       params: {},
-      recipients: envelope.rcptTo.map((address) => ({
-        address,
-        params: {},
-        domain: domainOf(address),
-        state: "pending",
-        tries: 0,
-        nextAttemptAt: now,
-      })),
-      size: message.length,
-      sha256: createHash("sha256").update(message).digest("hex"),
-      createdAt: now,
-      expiresAt: now + this.options.settings.maxAge,
-      tries: 0,
-    };
+      recipients: envelope.rcptTo.map((address) => ({ address, params: {} })),
+      message,
+    });
     await this.commit(entry, message);
     this.counters.queued++;
     this.options.logger.info(
@@ -478,27 +454,102 @@ export class OutboundQueue {
     return bucket;
   }
 
+  /** A new entry, every recipient due now. */
+  private newEntry(fields: {
+    kind: QueueEntry["kind"];
+    id?: string;
+    relayId?: string;
+    home: { publicKey: string; name: string };
+    mailFrom: string;
+    params: Record<string, string>;
+    recipients: readonly { address: string; params: Record<string, string> }[];
+    message: Buffer;
+  }): QueueEntry {
+    const now = this.now();
+    return {
+      version: 1,
+      id: fields.id ?? randomBytes(8).toString("hex"),
+      kind: fields.kind,
+      ...(fields.relayId === undefined ? {} : { relayId: fields.relayId }),
+      home: fields.home.publicKey,
+      homeName: fields.home.name,
+      mailFrom: fields.mailFrom,
+      params: fields.params,
+      recipients: fields.recipients.map((r) => ({
+        address: r.address,
+        params: r.params,
+        domain: domainOf(r.address),
+        state: "pending",
+        tries: 0,
+        nextAttemptAt: now,
+      })),
+      size: fields.message.length,
+      sha256: createHash("sha256").update(fields.message).digest("hex"),
+      createdAt: now,
+      expiresAt: now + this.options.settings.maxAge,
+      tries: 0,
+    };
+  }
+
+  /**
+   * Writes a new entry durably: body and envelope are written and fsync'd side by side, renamed into
+   * place, and one directory fsync makes both names durable (two fsync latencies in all). Until that
+   * fsync a crash may leave either half alone, which start() drops: nothing was answered yet.
+   */
   private async commit(entry: QueueEntry, message: Buffer): Promise<void> {
-    await writeFileAtomic(join(this.dir, `${entry.id}.eml`), message, { mode: 0o600 });
-    await this.save(entry);
+    const body = join(this.dir, `${entry.id}.eml`);
+    const envelope = join(this.dir, `${entry.id}.json`);
+    const staged = await Promise.allSettled([
+      stageFile(body, message),
+      stageFile(envelope, JSON.stringify(entry)),
+    ]);
+    const temps = staged.flatMap((s) => (s.status === "fulfilled" ? [s.value] : []));
+    try {
+      for (const s of staged) if (s.status === "rejected") throw s.reason;
+      await rename(temps[0]!, body);
+      await rename(temps[1]!, envelope);
+      await fsyncDirectory(this.dir);
+    } catch (error) {
+      await Promise.all([...temps, envelope, body].map((path) => unlink(path).catch(() => {})));
+      throw error;
+    }
+    this.addEntry(entry);
+  }
+
+  private addEntry(entry: QueueEntry): void {
     this.entries.set(entry.id, entry);
+    if (entry.relayId) this.queuedKeys.add(dedupKey(entry.home, entry.relayId));
+  }
+
+  /** Whether a relay id (as its dedup key) is queued, being queued, or left the queue recently. */
+  private isKnown(key: string): boolean {
+    return this.queuedKeys.has(key) || this.inFlight.has(key) || this.seen.has(key);
   }
 
   private save(entry: QueueEntry): Promise<void> {
     return writeFileAtomic(join(this.dir, `${entry.id}.json`), JSON.stringify(entry), { mode: 0o600 });
   }
 
-  private async remember(key: string, at: number): Promise<void> {
-    await writeFileAtomic(join(this.seenDir, key), "", { mode: 0o600 });
-    this.seen.set(key, at);
-  }
-
+  /**
+   * Drops an entry. The envelope goes first: without it a leftover body is dropped at the next start.
+   * A relayed entry's envelope is renamed into seen/ rather than deleted, so its relay id stays
+   * remembered: the rename is atomic, so no crash leaves the id neither queued nor seen.
+   */
   private async remove(entry: QueueEntry): Promise<void> {
-    // The envelope goes first: without it a leftover body is dropped at the next start.
-    await unlink(join(this.dir, `${entry.id}.json`)).catch(ignoreMissing);
+    const envelope = join(this.dir, `${entry.id}.json`);
+    const key = entry.relayId === undefined ? undefined : dedupKey(entry.home, entry.relayId);
+    if (key === undefined) await unlink(envelope).catch(ignoreMissing);
+    else await rename(envelope, join(this.seenDir, key)).catch(ignoreMissing);
     await unlink(join(this.dir, `${entry.id}.eml`)).catch(ignoreMissing);
-    await fsyncDirectory(this.dir);
+    await Promise.all([
+      fsyncDirectory(this.dir),
+      key === undefined ? undefined : fsyncDirectory(this.seenDir),
+    ]);
     this.entries.delete(entry.id);
+    if (key !== undefined) {
+      this.queuedKeys.delete(key);
+      this.seen.set(key, this.now());
+    }
   }
 
   // ---- the runner ---------------------------------------------------------------------------
@@ -517,14 +568,33 @@ export class OutboundQueue {
     const { settings } = this.options;
     const now = this.now();
     let wake = Number.POSITIVE_INFINITY;
-    this.pruneSeen(now);
-    for (const entry of [...this.entries.values()].sort((a, b) => a.createdAt - b.createdAt)) {
+    if (now >= this.nextPruneAt) {
+      this.nextPruneAt = now + PRUNE_INTERVAL_MS;
+      this.pruneSeen(now);
+    }
+    // Entries are in the map oldest first (start() loads them sorted; new ones are appended).
+    // One pass over each waiting entry's recipients, no arrays built: with a backlog (mail accepted
+    // faster than one domain takes it) this loop runs over every entry on every kick.
+    for (const entry of this.entries.values()) {
       if (this.active.has(entry.id)) continue;
-      const due = entry.recipients.filter((r) => r.state === "pending" && r.nextAttemptAt <= now);
-      const later = entry.recipients.filter((r) => r.state === "pending" && r.nextAttemptAt > now);
-      for (const r of later) wake = Math.min(wake, r.nextAttemptAt);
-      if (due.length === 0) {
-        if (entry.recipients.every((r) => r.state !== "pending")) this.track(this.finish(entry));
+      let pending = false;
+      let due = false;
+      // One domain per entry at a time keeps the entry's file writes in order: the first due
+      // recipient's domain that has a delivery slot free.
+      let domain: string | undefined;
+      for (const r of entry.recipients) {
+        if (r.state !== "pending") continue;
+        pending = true;
+        if (r.nextAttemptAt > now) {
+          if (r.nextAttemptAt < wake) wake = r.nextAttemptAt;
+          continue;
+        }
+        due = true;
+        if (domain === undefined && (this.activePerDomain.get(r.domain) ?? 0) < settings.concurrencyPerDomain)
+          domain = r.domain;
+      }
+      if (!due) {
+        if (!pending) this.track(this.finish(entry));
         continue;
       }
       if (this.active.size >= settings.concurrency) break;
@@ -532,18 +602,11 @@ export class OutboundQueue {
         this.track(this.runDsn(entry));
         continue;
       }
-      // One domain per entry at a time keeps the entry's file writes in order.
-      const domain = due
-        .map((r) => r.domain)
-        .find((d) => (this.activePerDomain.get(d) ?? 0) < settings.concurrencyPerDomain);
       if (domain === undefined) continue;
-      this.track(
-        this.runDomain(
-          entry,
-          domain,
-          due.filter((r) => r.domain === domain),
-        ),
+      const recipients = entry.recipients.filter(
+        (r) => r.state === "pending" && r.nextAttemptAt <= now && r.domain === domain,
       );
+      this.track(this.runDomain(entry, domain, recipients));
     }
     clearTimeout(this.timer);
     if (Number.isFinite(wake)) {
@@ -692,32 +755,16 @@ export class OutboundQueue {
           })),
           now: new Date(this.now()),
         });
-        const now = this.now();
         await this.commit(
-          {
-            version: 1,
-            id: dsnId,
+          this.newEntry({
             kind: "dsn",
-            home: entry.home,
-            homeName: entry.homeName,
+            id: dsnId,
+            home: { publicKey: entry.home, name: entry.homeName },
             mailFrom: "",
             params: {},
-            recipients: [
-              {
-                address: entry.mailFrom,
-                params: {},
-                domain: domainOf(entry.mailFrom),
-                state: "pending",
-                tries: 0,
-                nextAttemptAt: now,
-              },
-            ],
-            size: dsn.length,
-            sha256: createHash("sha256").update(dsn).digest("hex"),
-            createdAt: now,
-            expiresAt: now + this.options.settings.maxAge,
-            tries: 0,
-          },
+            recipients: [{ address: entry.mailFrom, params: {} }],
+            message: dsn,
+          }),
           dsn,
         );
         this.counters.dsns++;
@@ -794,6 +841,25 @@ export class OutboundQueue {
 function wantsFailureNotice(r: QueueRecipient): boolean {
   const notify = r.params.NOTIFY?.toUpperCase();
   return notify === undefined || notify.split(",").includes("FAILURE");
+}
+
+/**
+ * Writes `data` to a new temporary file beside `path` (mode 0600) and fsyncs it; the caller renames
+ * it into place and syncs the directory. Returns the temporary file's path.
+ */
+async function stageFile(path: string, data: string | Uint8Array): Promise<string> {
+  const temp = join(dirname(path), `.${basename(path)}.${process.pid}.${randomBytes(6).toString("hex")}.tmp`);
+  const handle = await open(temp, "wx", 0o600);
+  try {
+    await handle.writeFile(data);
+    await handle.sync();
+  } catch (error) {
+    await handle.close().catch(() => {});
+    await unlink(temp).catch(() => {});
+    throw error;
+  }
+  await handle.close();
+  return temp;
 }
 
 /** A home's relay ids live in their own space: one home cannot shadow another's. */

@@ -81,6 +81,13 @@ export class TunnelServer extends EventEmitter<TunnelServerEvents> {
   private readonly perIp: KeyedRateLimiter;
   private readonly global: TokenBucket;
   private pending = 0;
+  /**
+   * Sockets not yet authenticated → their deadline. The auth timeout is the same for all, so the
+   * map is in deadline order and one timer, armed for the oldest, serves them all (instead of a
+   * timer per handshake).
+   */
+  private readonly deadlines = new Map<WebSocketTransport, { at: number; release: () => void }>();
+  private deadlineTimer: NodeJS.Timeout | undefined;
   private readonly tunnels = new Map<string, Tunnel>();
   private readonly sockets = new Set<WebSocket>();
   readonly counters = { handshakesRefused: 0, handshakesFailed: 0, rateLimited: 0, tunnelsOpened: 0 };
@@ -126,6 +133,8 @@ export class TunnelServer extends EventEmitter<TunnelServerEvents> {
   }
 
   async stop(): Promise<void> {
+    clearTimeout(this.deadlineTimer);
+    this.deadlineTimer = undefined;
     for (const tunnel of this.tunnels.values()) tunnel.mux.close(CloseCode.SHUTDOWN, "edge shutting down");
     for (const ws of this.sockets) ws.close(CloseCode.SHUTDOWN, "edge shutting down");
     const closed = new Promise<void>((resolve) => this.http.close(() => resolve()));
@@ -183,15 +192,32 @@ export class TunnelServer extends EventEmitter<TunnelServerEvents> {
       if (released) return;
       released = true;
       this.pending--;
-      clearTimeout(timer);
+      this.deadlines.delete(transport);
     };
-    const timer = setTimeout(() => {
-      transport.close(CloseCode.AUTH_TIMEOUT, "authentication deadline passed");
-      release();
-    }, this.options.limits.authTimeoutMs);
+    this.deadlines.set(transport, { at: Date.now() + this.options.limits.authTimeoutMs, release });
+    this.armDeadlineTimer();
     transport.once("close", release);
     return release;
   }
+
+  private armDeadlineTimer(): void {
+    if (this.deadlineTimer !== undefined) return;
+    const first = this.deadlines.values().next();
+    if (first.done) return;
+    this.deadlineTimer = setTimeout(this.closeOverdue, Math.max(0, first.value.at - Date.now()));
+    this.deadlineTimer.unref();
+  }
+
+  private readonly closeOverdue = (): void => {
+    this.deadlineTimer = undefined;
+    const now = Date.now();
+    for (const [transport, { at, release }] of this.deadlines) {
+      if (at > now) break;
+      transport.close(CloseCode.AUTH_TIMEOUT, "authentication deadline passed");
+      release();
+    }
+    this.armDeadlineTimer();
+  };
 
   private async acceptTunnel(transport: WebSocketTransport, ip: string): Promise<void> {
     const release = this.guard(transport);
@@ -203,7 +229,7 @@ export class TunnelServer extends EventEmitter<TunnelServerEvents> {
           pattern: "IK",
           prologue: TUNNEL_PROLOGUE,
           staticKeyPair: state.keyPair,
-          timeoutMs: this.options.limits.authTimeoutMs,
+          // No timer of its own: guard() closes the socket at the auth deadline.
           onRemoteStatic: (remoteStatic) => {
             if (!state.findHome(remoteStatic)) {
               throw new HandshakeError(
@@ -283,7 +309,6 @@ export class TunnelServer extends EventEmitter<TunnelServerEvents> {
           pattern: "IKpsk2",
           prologue: PAIR_PROLOGUE,
           staticKeyPair: state.keyPair,
-          timeoutMs: this.options.limits.authTimeoutMs,
           onRemoteStatic: () => {},
           onPayload: (remoteStatic, payload) => {
             tokenIdText = typeof payload.tokenId === "string" ? payload.tokenId : "";

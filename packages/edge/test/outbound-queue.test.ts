@@ -1,4 +1,5 @@
 import { randomBytes } from "node:crypto";
+import { readdirSync } from "node:fs";
 import { mkdtemp, readdir, readFile, rm, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -13,6 +14,7 @@ import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import type { RecipientResult } from "../src/delivery.js";
 import type { HomeMailbox } from "../src/home-mailbox.js";
 import {
+  DEDUP_WINDOW_MS,
   domainAllowed,
   OutboundQueue,
   type OutboundQueueOptions,
@@ -323,6 +325,61 @@ describe("outbound queue", () => {
     await h.relay(meta(body, { mailFrom: "" }), body);
     await until(() => h.queue.size === 0, "queue to empty");
     expect(h.dsns).toHaveLength(0);
+  });
+
+  it("keeps a relay id across a crash after RESULT: no marker yet, the entry restores it; a resend dedupes", async () => {
+    const h = await harness(() => "deferred");
+    const body = message();
+    const m = meta(body);
+    expect(await h.relay(m, body)).toEqual({ status: "queued", id: m.id });
+    // What a kill -9 right after RESULT leaves: body and envelope, no seen/ marker (it is written
+    // only when the entry leaves the queue).
+    const files = await readdir(join(dir, "outbound"));
+    expect(files.filter((f) => f.endsWith(".eml") || f.endsWith(".json"))).toHaveLength(2);
+    expect(await readdir(join(dir, "outbound", "seen"))).toEqual([]);
+    await h.stop();
+    harnesses.pop();
+    const again = await harness();
+    expect(await again.relay(m, body)).toEqual({ status: "queued", id: m.id, duplicate: true });
+    await until(() => again.queue.size === 0, "the restored entry to be delivered");
+    expect(again.deliveries).toHaveLength(1);
+    // Delivered: the envelope became the marker, so the id outlives the entry, also across a restart.
+    expect(await readdir(join(dir, "outbound", "seen"))).toHaveLength(1);
+    await again.stop();
+    harnesses.pop();
+    const third = await harness();
+    expect(await third.relay(m, body)).toEqual({ status: "queued", id: m.id, duplicate: true });
+    expect(third.queue.size).toBe(0);
+    expect(third.deliveries).toHaveLength(0);
+  });
+
+  it("forgets a delivered relay id after the 24 h window, on disk too", async () => {
+    let now = 1_000_000;
+    const h = await harness(() => "delivered", { now: () => now });
+    const body = message();
+    const m = meta(body);
+    await h.relay(m, body);
+    await until(() => h.queue.size === 0, "delivery");
+    expect(await h.relay(m, body)).toEqual({ status: "queued", id: m.id, duplicate: true });
+    now += DEDUP_WINDOW_MS + 120_000;
+    h.queue.flush(); // a run of the queue prunes what expired
+    await until(() => h.deliveries.length === 1 && h.queue.size === 0, "an idle queue");
+    const seenDir = join(dir, "outbound", "seen");
+    await until(() => readdirSync(seenDir).length === 0, "the expired marker removed");
+    expect(await h.relay(m, body)).toEqual({ status: "queued", id: m.id });
+  });
+
+  it("drops an envelope without its body at start (written side by side, never answered)", async () => {
+    const h = await harness(() => "deferred");
+    const body = message();
+    await h.relay(meta(body), body);
+    await h.stop();
+    harnesses.pop();
+    const { writeFile } = await import("node:fs/promises");
+    await writeFile(join(dir, "outbound", "feedfacefeedface.json"), "{}");
+    const again = await harness(() => "deferred");
+    expect(again.queue.size).toBe(1);
+    expect((await readdir(join(dir, "outbound"))).includes("feedfacefeedface.json")).toBe(false);
   });
 
   it("drops a half-written body at start, keeps committed entries", async () => {

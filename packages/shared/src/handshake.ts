@@ -31,10 +31,13 @@ export type Established<T> = (
   remoteStatic: Uint8Array,
 ) => T;
 
-/** Waits for the next message on a transport, or rejects when it closes or the deadline passes. */
+/**
+ * Waits for the next message on a transport, or rejects when it closes or the deadline passes
+ * (`timeoutMs` undefined: no deadline here, the caller enforces one).
+ */
 function nextMessage(
   transport: MessageTransport,
-  timeoutMs: number,
+  timeoutMs: number | undefined,
   onMessage: (message: Uint8Array) => void,
   describeClose: (code: number, reason: string) => Error,
 ): Promise<void> {
@@ -57,10 +60,13 @@ function nextMessage(
       cleanup();
       reject(describeClose(code, reason));
     };
-    const timer = setTimeout(() => {
-      cleanup();
-      reject(new HandshakeError("HANDSHAKE_FAILED", `no handshake reply within ${timeoutMs} ms`));
-    }, timeoutMs);
+    const timer =
+      timeoutMs === undefined
+        ? undefined
+        : setTimeout(() => {
+            cleanup();
+            reject(new HandshakeError("HANDSHAKE_FAILED", `no handshake reply within ${timeoutMs} ms`));
+          }, timeoutMs);
     transport.on("message", handler);
     transport.on("close", closed);
   });
@@ -118,7 +124,8 @@ export interface ResponderOptions {
   pattern: HandshakePattern;
   prologue: Uint8Array;
   staticKeyPair: KeyPair;
-  timeoutMs: number;
+  /** How long to wait for message 1; leave it out when the caller closes the transport at its own deadline. */
+  timeoutMs?: number;
   /** Runs after the initiator's static key is decrypted and before the `ss` DH: throw to refuse cheaply. */
   onRemoteStatic: (remoteStatic: Uint8Array) => void;
   /** Sees message 1's payload; returns the reply payload and, for psk patterns, the PSK. */

@@ -158,6 +158,26 @@ function publicKeyObject(publicKey: Uint8Array): KeyObject {
   return key;
 }
 
+// Peers' static keys recur (a home reconnects with the same key), so their key objects are kept: a
+// handshake then imports only the peer's ephemeral key. Bounded, oldest out first, since a pairing
+// handshake admits any key; the tunnel only ever adds keys its onRemoteStatic hook let through.
+const PEER_KEY_CACHE_SIZE = 256;
+const peerKeyCache = new Map<string, KeyObject>();
+
+function peerStaticKeyObject(publicKey: Buffer): KeyObject {
+  const id = publicKey.toString("base64");
+  let key = peerKeyCache.get(id);
+  if (key === undefined) {
+    key = importPublicKey(publicKey);
+    if (peerKeyCache.size >= PEER_KEY_CACHE_SIZE) {
+      const oldest = peerKeyCache.keys().next();
+      if (!oldest.done) peerKeyCache.delete(oldest.value);
+    }
+    peerKeyCache.set(id, key);
+  }
+  return key;
+}
+
 function rawPublicKey(key: KeyObject): Buffer {
   const { x } = key.export({ format: "jwk" });
   if (x === undefined) throw new Error("node:crypto exported an X25519 public key without its bytes");
@@ -613,7 +633,7 @@ export class HandshakeState {
     const remoteStatic = asBuffer(this.#symmetric.decryptAndHash(message.subarray(DH_LENGTH, staticEnd)));
     this.#remoteStatic = remoteStatic;
     onRemoteStatic(Buffer.from(remoteStatic));
-    const remoteStaticKey = importPublicKey(remoteStatic);
+    const remoteStaticKey = peerStaticKeyObject(remoteStatic);
     this.#remoteStaticKey = remoteStaticKey;
     this.#symmetric.mixKey(dh(this.#static.key, remoteStaticKey));
     return this.#symmetric.decryptAndHash(message.subarray(staticEnd));

@@ -432,6 +432,37 @@ describe("HandshakeState", () => {
     expect(() => pair("IKpsk2").responder.setPsk(randomBytes(16))).toThrow(HandshakeError);
   });
 
+  it("keeps working as peers' static keys come and go from its key cache (more peers than it holds)", () => {
+    const responderKeys = generateKeyPair();
+    const peers = Array.from({ length: 300 }, () => generateKeyPair());
+    const handshake = (peer: KeyPair, responderKeyPair = responderKeys) => {
+      const initiator = new HandshakeState({
+        pattern: "IK",
+        initiator: true,
+        prologue: Buffer.from("p"),
+        staticKeyPair: peer,
+        remoteStaticPublicKey: responderKeys.publicKey,
+      });
+      const responder = new HandshakeState({
+        pattern: "IK",
+        initiator: false,
+        prologue: Buffer.from("p"),
+        staticKeyPair: responderKeyPair,
+      });
+      responder.readMessage(initiator.writeMessage(Buffer.alloc(0)));
+      initiator.readMessage(responder.writeMessage(Buffer.alloc(0)));
+      const edge = responder.split();
+      const home = initiator.split();
+      return Buffer.from(edge.receive.decrypt(home.send.encrypt(Buffer.from("hi")))).toString();
+    };
+    // The first peer again after 299 others (evicted by then), and a peer seen just before (cached).
+    for (const peer of [...peers, peers[0]!, peers[299]!]) expect(handshake(peer)).toBe("hi");
+    // A peer whose key bytes were cached must still prove it holds the private key: a cached public
+    // key never stands in for the ss DH.
+    const impostor = { publicKey: peers[299]!.publicKey, privateKey: generateKeyPair().privateKey };
+    expect(() => handshake(impostor)).toThrow(HandshakeError);
+  });
+
   it("a different prologue fails the handshake", () => {
     const responderKeys = generateKeyPair();
     const initiator = new HandshakeState({
