@@ -8,6 +8,7 @@ import { pipeline } from "node:stream/promises";
 import {
   decodeKey,
   type EdgeConfig,
+  greetWithoutDelay,
   KeyedRateLimiter,
   type Logger,
   SmugglingGuard,
@@ -139,6 +140,9 @@ export class SpoolServer {
         );
       },
     });
+    if (!greetWithoutDelay(this.smtp)) {
+      options.logger.warn("smtp-server internals changed: spool sessions greet after its 100 ms pause");
+    }
     this.smtp.on("error", (error) => options.logger.debug({ err: error.message }, "spool session error"));
   }
 

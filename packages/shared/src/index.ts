@@ -27,6 +27,7 @@ export {
 export * from "./protocol.js";
 export * from "./proxy-header.js";
 export * from "./secure-channel.js";
+export * from "./smtp-greeting.js";
 export * from "./smtp-guard.js";
 export * from "./splice.js";
 export * from "./spool-file.js";
