@@ -1,7 +1,8 @@
 // The edge's spool directory: sealed messages waiting for home, one file each, plus a small state
-// file with delivery attempts. The edge can list, age and check files (length and hash) but
+// file with delivery attempts and an append-only log of sender-check verdicts (one JSON line per
+// message, compacted at start). The edge can list, age and check files (length and hash) but
 // cannot read them. A file that fails its check at start is quarantined, never delivered.
-import { mkdir, readdir, rename, unlink } from "node:fs/promises";
+import { mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import {
   fsyncDirectory,
@@ -31,7 +32,7 @@ interface AttemptState {
   tries: number;
   nextAttemptAt: number;
   lastError: string | null;
-  /** The sender check made at spool time (absent: unknown, treated as failed). */
+  /** Written by versions before auth.log; read at start and moved there. */
   auth?: SenderAuth;
 }
 
@@ -41,6 +42,10 @@ export class SpoolStore {
   readonly quarantineDir: string;
   readonly tmpDir: string;
   private readonly statePath: string;
+  private readonly authLogPath: string;
+  /** Verdicts read at start, until their files are registered. */
+  private authAtStart = new Map<string, SenderAuth>();
+  private readonly authLog = new GroupAppender();
 
   private constructor(
     readonly dir: string,
@@ -49,6 +54,7 @@ export class SpoolStore {
     this.quarantineDir = join(dir, "quarantine");
     this.tmpDir = join(dir, "tmp");
     this.statePath = join(dir, "attempts.json");
+    this.authLogPath = join(dir, "auth.log");
   }
 
   static async open(dir: string, logger: Logger): Promise<SpoolStore> {
@@ -58,6 +64,11 @@ export class SpoolStore {
     // A temporary file is a session that never got its 250: the sender still has the message.
     for (const name of await readdir(store.tmpDir)) await unlink(join(store.tmpDir, name)).catch(() => {});
     store.attempts = (await readJsonFile<Record<string, AttemptState>>(store.statePath)) ?? {};
+    for (const [id, attempt] of Object.entries(store.attempts)) {
+      if (attempt.auth) store.authAtStart.set(id, attempt.auth);
+      delete attempt.auth;
+    }
+    for (const [id, auth] of await readAuthLog(store.authLogPath)) store.authAtStart.set(id, auth);
     for (const name of (await readdir(dir)).sort()) {
       if (!name.endsWith(".spool")) continue;
       const path = join(dir, name);
@@ -68,6 +79,10 @@ export class SpoolStore {
         await store.quarantineFile(path, name.slice(0, -6), (error as Error).message);
       }
     }
+    store.authAtStart.clear();
+    // Compaction: the log keeps only the verdicts of messages still spooled.
+    const lines = [...store.entries.values()].filter((e) => e.auth).map((e) => authLine(e.id, e.auth!));
+    await writeFileAtomic(store.authLogPath, lines.join(""), { mode: 0o600 });
     return store;
   }
 
@@ -86,7 +101,7 @@ export class SpoolStore {
       tries: attempt?.tries ?? 0,
       nextAttemptAt: attempt?.nextAttemptAt ?? 0,
       lastError: attempt?.lastError ?? null,
-      auth: attempt?.auth ?? null,
+      auth: this.authAtStart.get(header.id) ?? null,
     };
     this.entries.set(entry.id, entry);
     return entry;
@@ -145,18 +160,16 @@ export class SpoolStore {
     }
   }
 
+  /**
+   * Records the sender check's verdict: one line appended to auth.log (appends that arrive while one
+   * is being written go out together, with one fdatasync). A verdict lost to a crash leaves the
+   * message unauthenticated, the safe side (quarantine, never a DSN).
+   */
   async setAuth(id: string, auth: SenderAuth): Promise<void> {
     const entry = this.entries.get(id);
     if (!entry) return;
     entry.auth = auth;
-    this.attempts[id] = {
-      tries: entry.tries,
-      nextAttemptAt: entry.nextAttemptAt,
-      lastError: entry.lastError,
-      ...this.attempts[id],
-      auth,
-    };
-    await this.saveAttempts();
+    await this.authLog.append(this.authLogPath, authLine(id, auth));
   }
 
   /** Makes every entry due now (queue flush). */
@@ -196,6 +209,74 @@ export class SpoolStore {
         return this.saveAttempts();
       });
     return this.queued;
+  }
+}
+
+function authLine(id: string, auth: SenderAuth): string {
+  return `${JSON.stringify({ id, auth })}\n`;
+}
+
+/** The verdicts in auth.log, later lines winning. A torn last line (a crash mid-append) is skipped. */
+async function readAuthLog(path: string): Promise<Map<string, SenderAuth>> {
+  const verdicts = new Map<string, SenderAuth>();
+  let text: string;
+  try {
+    text = await readFile(path, "utf8");
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === "ENOENT") return verdicts;
+    throw error;
+  }
+  for (const line of text.split("\n")) {
+    if (line === "") continue;
+    try {
+      const record = JSON.parse(line) as { id?: unknown; auth?: unknown };
+      if (typeof record.id === "string" && typeof record.auth === "object" && record.auth !== null) {
+        verdicts.set(record.id, record.auth as SenderAuth);
+      }
+    } catch {
+      // not a whole line: the append it belonged to never finished
+    }
+  }
+  return verdicts;
+}
+
+/**
+ * Appends lines to a file durably, in groups: while one append (write + fdatasync) runs, every line
+ * that arrives waits for the next, which carries them all.
+ */
+class GroupAppender {
+  private pending: string[] = [];
+  private running: Promise<void> | undefined;
+  private next: Promise<void> | undefined;
+
+  append(path: string, line: string): Promise<void> {
+    this.pending.push(line);
+    if (this.next) return this.next;
+    if (!this.running) return this.start(path);
+    this.next = this.running
+      .catch(() => {})
+      .then(() => {
+        this.next = undefined;
+        return this.start(path);
+      });
+    return this.next;
+  }
+
+  private start(path: string): Promise<void> {
+    const lines = this.pending;
+    this.pending = [];
+    this.running = (async () => {
+      const handle = await open(path, "a", 0o600);
+      try {
+        await handle.appendFile(lines.join(""));
+        await handle.datasync();
+      } finally {
+        await handle.close();
+      }
+    })().finally(() => {
+      this.running = undefined;
+    });
+    return this.running;
   }
 }
 
