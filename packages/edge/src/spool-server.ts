@@ -270,7 +270,7 @@ export class SpoolServer {
         throw reply(550, `5.6.0 Message refused: ${guard.violation} in message data`);
       }
       const committed = await writer.commit();
-      await store.add(committed.path);
+      store.register(committed.path, sealer.header, committed.fileSize);
       // Not awaited: DNS must not hold the 250. Until the verdict is stored the message counts
       // as unauthenticated (quarantine, never a DSN), which is the safe side.
       void auth.result.then((verdict) => (verdict ? store.setAuth(id, verdict) : undefined)).catch(() => {});

@@ -86,17 +86,21 @@ export class SpoolStore {
     return store;
   }
 
-  /** Registers a committed file (after its rename and directory fsync). */
+  /** Registers a committed file (after its rename and directory fsync), reading its header. */
   async add(path: string): Promise<SpoolEntry> {
     const meta = await readSpoolMeta(path);
-    const { header } = meta;
+    return this.register(path, meta.header, meta.fileSize);
+  }
+
+  /** Registers a file this process has just committed: what add() would read back from it. */
+  register(path: string, header: SpoolHeader, fileSize: number): SpoolEntry {
     const attempt = this.attempts[header.id];
     const entry: SpoolEntry = {
       id: header.id,
       path,
       header,
       homeKey: String(header.extra.homeKey ?? ""),
-      size: meta.fileSize,
+      size: fileSize,
       receivedAt: Date.parse(header.receivedAt),
       tries: attempt?.tries ?? 0,
       nextAttemptAt: attempt?.nextAttemptAt ?? 0,

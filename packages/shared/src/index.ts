@@ -7,6 +7,7 @@ export * from "./config.js";
 export * from "./doctor-report.js";
 export * from "./dsn.js";
 export * from "./errors.js";
+export * from "./group-commit.js";
 export * from "./handshake.js";
 export * from "./keys.js";
 export * from "./log.js";

@@ -14,11 +14,12 @@ import { createHash, hkdfSync, randomBytes, timingSafeEqual } from "node:crypto"
 import { createReadStream } from "node:fs";
 import { type FileHandle, link, open, unlink } from "node:fs/promises";
 import { isIP } from "node:net";
-import { dirname, join } from "node:path";
+import { join } from "node:path";
 import type { Readable } from "node:stream";
 import nacl from "tweetnacl";
 import { fsyncDirectory } from "./atomic-file.js";
 import { CryptoError, StateError } from "./errors.js";
+import { GroupCommit } from "./group-commit.js";
 import { encodeKey, keyFingerprint } from "./keys.js";
 import { generateKeyPair, x25519 } from "./noise.js";
 
@@ -576,12 +577,29 @@ export interface SpoolCommit {
   path: string;
   cipherLength: number;
   cipherSha256: string;
+  /** Preamble, cipher section and trailer. */
+  fileSize: number;
+}
+
+// Group commit of the spool directory: one fsync makes every link made before it durable, so
+// concurrent commits share the fsyncs that start after their links.
+const directorySyncs = new Map<string, GroupCommit>();
+
+function syncDirectoryGrouped(dir: string): Promise<void> {
+  let group = directorySyncs.get(dir);
+  if (!group) {
+    group = new GroupCommit(() => fsyncDirectory(dir));
+    directorySyncs.set(dir, group);
+  }
+  return group.request();
 }
 
 /**
  * Streams one sealed message into a temporary file (mode 0600, name starting with "."), then commit()
- * puts it in place as <dir>/<id>.spool: final chunk, trailer, fsync, link, fsync the directory. The
- * final step never replaces an existing spool file (two messages with one id would lose one).
+ * puts it in place as <dir>/<id>.spool: final chunk, trailer, fsync, link, fsync the directory
+ * (shared by the commits that link meanwhile). The final step never replaces an existing spool file
+ * (two messages with one id would lose one). The temporary name's removal is not synced: after a
+ * crash it is one more link to the same file, and the spool removes temporary files at start.
  * Calls are queued, so write() may be called again before the previous one settles.
  */
 export class SpoolFileWriter {
@@ -662,10 +680,14 @@ export class SpoolFileWriter {
       }
       this.#state = "committed";
       await unlink(this.tempPath);
-      await fsyncDirectory(this.#dir);
-      if (dirname(this.tempPath) !== this.#dir) await fsyncDirectory(dirname(this.tempPath));
+      await syncDirectoryGrouped(this.#dir);
     });
-    return { path: this.path, cipherLength: this.#cipherLength, cipherSha256: this.#hash.digest("hex") };
+    return {
+      path: this.path,
+      cipherLength: this.#cipherLength,
+      cipherSha256: this.#hash.digest("hex"),
+      fileSize: this.#sealer.preamble.length + this.#cipherLength + TRAILER_LENGTH,
+    };
   }
 
   /**
