@@ -115,6 +115,14 @@ export class SpoolStore {
     return this.entries.get(id);
   }
 
+  /**
+   * The entries oldest first without sorting: in the order they were registered, which is file-name
+   * order at start and spool order afterwards (ids begin with the time in base 36).
+   */
+  inOrder(): IterableIterator<SpoolEntry> {
+    return this.entries.values();
+  }
+
   list(): SpoolEntry[] {
     return [...this.entries.values()].sort((a, b) => a.receivedAt - b.receivedAt || a.id.localeCompare(b.id));
   }
