@@ -600,7 +600,8 @@ function syncDirectoryGrouped(dir: string): Promise<void> {
  * (shared by the commits that link meanwhile). The final step never replaces an existing spool file
  * (two messages with one id would lose one). The temporary name's removal is not synced: after a
  * crash it is one more link to the same file, and the spool removes temporary files at start.
- * Calls are queued, so write() may be called again before the previous one settles.
+ * Calls are queued, so write() may be called again before the previous one settles. Bytes are
+ * written a chunk's worth at a time, so a small message costs one write at commit.
  */
 export class SpoolFileWriter {
   readonly path: string;
@@ -610,6 +611,9 @@ export class SpoolFileWriter {
   #handle: FileHandle | undefined;
   readonly #hash = createHash("sha256");
   #cipherLength = 0;
+  /** Sealed bytes not written yet (the preamble first). */
+  #unwritten: Buffer[] = [];
+  #unwrittenLength = 0;
   #queue: Promise<void> = Promise.resolve();
   #state: "writing" | "committing" | "committed" | "aborted" = "writing";
   #failure: unknown;
@@ -621,6 +625,8 @@ export class SpoolFileWriter {
     this.tempPath = tempPath;
     this.#handle = handle;
     this.#sealer = sealer;
+    this.#unwritten.push(sealer.preamble);
+    this.#unwrittenLength = sealer.preamble.length;
   }
 
   static async create(
@@ -635,9 +641,7 @@ export class SpoolFileWriter {
     const name = `.${sealer.header.id}.${randomBytes(6).toString("hex")}.tmp`;
     const tempPath = join(options.tmpDir ?? dir, name);
     const handle = await openFile(tempPath, "wx", 0o600);
-    const writer = new SpoolFileWriter(dir, tempPath, handle, sealer);
-    await writer.#run(() => writer.#writeAll(sealer.preamble));
-    return writer;
+    return new SpoolFileWriter(dir, tempPath, handle, sealer);
   }
 
   /** Seals `plaintext` and appends what is ready. Rejects (and aborts) if the disk refuses. */
@@ -645,7 +649,8 @@ export class SpoolFileWriter {
     this.#writingOrThrow();
     const chunks = this.#sealer.update(plaintext);
     await this.#run(async () => {
-      for (const chunk of chunks) await this.#append(chunk);
+      for (const chunk of chunks) this.#append(chunk);
+      if (this.#unwrittenLength >= SPOOL_CHUNK_SIZE) await this.#writeUnwritten();
     });
   }
 
@@ -655,7 +660,7 @@ export class SpoolFileWriter {
     this.#state = "committing";
     const last = this.#sealer.final();
     await this.#run(async () => {
-      await this.#append(last);
+      this.#append(last);
       const trailer = Buffer.alloc(TRAILER_LENGTH);
       TRAILER_MAGIC.copy(trailer, 0);
       trailer.writeBigUInt64BE(BigInt(this.#cipherLength), TRAILER_MAGIC.length);
@@ -663,7 +668,9 @@ export class SpoolFileWriter {
         .copy()
         .digest()
         .copy(trailer, TRAILER_MAGIC.length + 8);
-      await this.#writeAll(trailer);
+      this.#unwritten.push(trailer);
+      this.#unwrittenLength += trailer.length;
+      await this.#writeUnwritten();
       const handle = this.#handleOrThrow();
       await handle.sync();
       this.#handle = undefined;
@@ -728,10 +735,19 @@ export class SpoolFileWriter {
     return result;
   }
 
-  async #append(chunk: Buffer): Promise<void> {
-    await this.#writeAll(chunk);
+  #append(chunk: Buffer): void {
+    this.#unwritten.push(chunk);
+    this.#unwrittenLength += chunk.length;
     this.#hash.update(chunk);
     this.#cipherLength += chunk.length;
+  }
+
+  async #writeUnwritten(): Promise<void> {
+    const bytes =
+      this.#unwritten.length === 1 ? (this.#unwritten[0] as Buffer) : Buffer.concat(this.#unwritten);
+    this.#unwritten = [];
+    this.#unwrittenLength = 0;
+    await this.#writeAll(bytes);
   }
 
   async #writeAll(bytes: Buffer): Promise<void> {

@@ -667,18 +667,19 @@ describe("SpoolFileWriter on a full disk", () => {
     expect((await fs.readdir(dir)).filter((name) => name !== "tmp")).toEqual([]);
   }
 
-  it("create() rejects when even the preamble cannot be written", async () => {
+  it("a small message is written once, at commit: a disk that refuses it fails commit() and leaves nothing", async () => {
     const open = fullDiskOpen({ afterWrites: 0 });
-    await expect(
-      SpoolFileWriter.create(dir, new SpoolSealer(sealerOptions()), { tmpDir, open }),
-    ).rejects.toMatchObject({ code: "ENOSPC" });
+    const writer = await SpoolFileWriter.create(dir, new SpoolSealer(sealerOptions()), { tmpDir, open });
+    await writer.write(Buffer.from("short message"));
+    await expect(writer.commit()).rejects.toMatchObject({ code: "ENOSPC" });
     await expectNothingLeft();
   });
 
   it("write() rejects mid-message and the temporary file is removed", async () => {
-    const open = fullDiskOpen({ afterWrites: 2 });
+    const open = fullDiskOpen({ afterWrites: 0 });
     const writer = await SpoolFileWriter.create(dir, new SpoolSealer(sealerOptions()), { tmpDir, open });
     await writer.write(randomBytes(CHUNK)); // held back: nothing written yet
+    // Sealed chunks are written once a chunk's worth is ready: this is the first write, refused.
     await expect(writer.write(randomBytes(3 * CHUNK))).rejects.toMatchObject({ code: "ENOSPC" });
     await expectNothingLeft();
     await expect(writer.commit()).rejects.toThrow(/aborted/);
@@ -687,7 +688,7 @@ describe("SpoolFileWriter on a full disk", () => {
   });
 
   it("commit() rejects when the final chunk or trailer cannot be written (no tmpDir)", async () => {
-    const open = fullDiskOpen({ afterWrites: 1 });
+    const open = fullDiskOpen({ afterWrites: 0 });
     const writer = await SpoolFileWriter.create(dir, new SpoolSealer(sealerOptions()), { open });
     await writer.write(Buffer.from("short message"));
     await expect(writer.commit()).rejects.toMatchObject({ code: "ENOSPC" });
