@@ -2,9 +2,10 @@
 // sender, or a DKIM signature aligned with its domain. A backup MX that later cannot deliver
 // sends a DSN only when this passed; otherwise the message is quarantined, so a forged sender
 // never receives backscatter. DKIM needs the body, which the edge cannot read once it is sealed,
-// so the check runs while the message streams in.
+// so the check runs while the message streams in; a message whose header has no DKIM-Signature
+// field is not parsed further (it cannot pass DKIM), and DNS answers are shared for a short while.
 import { promises as dns } from "node:dns";
-import { PassThrough } from "node:stream";
+import { PassThrough, type Readable } from "node:stream";
 import { authenticate } from "mailauth";
 
 export interface SenderAuth {
@@ -17,16 +18,52 @@ export interface SenderAuth {
 
 export type DnsResolve = (name: string, rrtype: string) => Promise<unknown>;
 
+/** How long a DNS answer (or "no such name") is reused: a burst from one sender costs one lookup. */
+const DNS_CACHE_MS = 30_000;
+const DNS_CACHE_ENTRIES = 10_000;
+/** Answers worth reusing when negative: the name or record does not exist. */
+const CACHEABLE_DNS_ERRORS = new Set(["ENOTFOUND", "ENODATA"]);
+
 export function resolverFor(servers: readonly string[]): DnsResolve {
-  if (servers.length === 0) return (name, rrtype) => dns.resolve(name, rrtype as "TXT");
+  if (servers.length === 0) return cachingResolver((name, rrtype) => dns.resolve(name, rrtype as "TXT"));
   const resolver = new dns.Resolver({ timeout: 3000, tries: 2 });
   resolver.setServers([...servers]);
-  return (name, rrtype) => resolver.resolve(name, rrtype as "TXT");
+  return cachingResolver((name, rrtype) => resolver.resolve(name, rrtype as "TXT"));
 }
+
+/**
+ * Shares each answer (and each "no such name or record") for DNS_CACHE_MS, including a lookup
+ * still in flight; a timeout or server failure is asked again next time.
+ */
+export function cachingResolver(lookup: DnsResolve, now: () => number = Date.now): DnsResolve {
+  const cache = new Map<string, { expires: number; answer: Promise<unknown> }>();
+  return (name, rrtype) => {
+    const key = `${rrtype} ${name.toLowerCase()}`;
+    const cached = cache.get(key);
+    if (cached && cached.expires > now()) return cached.answer;
+    cache.delete(key);
+    if (cache.size >= DNS_CACHE_ENTRIES) cache.delete(cache.keys().next().value as string);
+    const answer = lookup(name, rrtype);
+    cache.set(key, { expires: now() + DNS_CACHE_MS, answer });
+    answer.catch((error: NodeJS.ErrnoException) => {
+      if (!CACHEABLE_DNS_ERRORS.has(error.code ?? "") && cache.get(key)?.answer === answer) cache.delete(key);
+    });
+    return answer;
+  };
+}
+
+/** The header section is scanned for DKIM-Signature up to this size; a longer one is verified in full. */
+const MAX_HEADER_SCAN = 256 * 1024;
+const DKIM_SIGNATURE_FIELD = /(?:^|\n)dkim-signature[ \t]*:/i;
 
 /** Feeds the message as it arrives; `result` settles once the message ended and DNS answered. */
 export class SenderAuthCheck {
-  private readonly input = new PassThrough();
+  /** The message for DKIM, once its header shows a signature. */
+  private input: PassThrough | undefined;
+  private header: Buffer[] = [];
+  private headerLength = 0;
+  private decided = false;
+  private startWith: (input: Readable | Buffer) => void = () => {};
   readonly result: Promise<SenderAuth | undefined>;
 
   constructor(context: {
@@ -37,17 +74,22 @@ export class SenderAuthCheck {
     resolve: DnsResolve;
     timeoutMs: number;
   }) {
-    const checking = authenticate(this.input, {
-      ip: context.ip,
-      helo: context.helo,
-      sender: context.sender,
-      mta: context.mta,
-      resolver: context.resolve,
-      // Only SPF and DKIM decide; DMARC would cost DNS lookups and CPU for a result nobody reads.
-      disableArc: true,
-      disableDmarc: true,
-      disableBimi: true,
-    } as never) as Promise<{
+    const input = new Promise<Readable | Buffer>((resolve) => {
+      this.startWith = resolve;
+    });
+    const checking = input.then((message) =>
+      authenticate(message, {
+        ip: context.ip,
+        helo: context.helo,
+        sender: context.sender,
+        mta: context.mta,
+        resolver: context.resolve,
+        // Only SPF and DKIM decide; DMARC would cost DNS lookups and CPU for a result nobody reads.
+        disableArc: true,
+        disableDmarc: true,
+        disableBimi: true,
+      } as never),
+    ) as Promise<{
       spf?: { status?: { result?: string } };
       dkim?: { results?: { status?: { result?: string }; signingDomain?: string }[] };
     }>;
@@ -77,11 +119,35 @@ export class SenderAuthCheck {
   }
 
   write(chunk: Buffer): void {
-    this.input.write(chunk);
+    if (this.input) {
+      this.input.write(chunk);
+      return;
+    }
+    if (this.decided) return;
+    this.header.push(chunk);
+    this.headerLength += chunk.length;
+    const text = Buffer.concat(this.header).toString("latin1");
+    const end = text.indexOf("\r\n\r\n");
+    if (end >= 0) this.decide(text.slice(0, end));
+    else if (this.headerLength > MAX_HEADER_SCAN) this.decide(undefined);
   }
 
   end(): void {
-    this.input.end();
+    if (!this.decided) this.decide(Buffer.concat(this.header).toString("latin1"));
+    this.input?.end();
+  }
+
+  /** Unsigned (no DKIM-Signature field in `header`): SPF alone, on an empty message. */
+  private decide(header: string | undefined): void {
+    this.decided = true;
+    if (header !== undefined && !DKIM_SIGNATURE_FIELD.test(header)) {
+      this.startWith(Buffer.alloc(0));
+    } else {
+      this.input = new PassThrough();
+      for (const chunk of this.header) this.input.write(chunk);
+      this.startWith(this.input);
+    }
+    this.header = [];
   }
 }
 
