@@ -6,6 +6,7 @@ import { mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises
 import { join } from "node:path";
 import {
   fsyncDirectory,
+  GroupCommit,
   type Logger,
   readJsonFile,
   readSpoolMeta,
@@ -45,7 +46,7 @@ export class SpoolStore {
   private readonly authLogPath: string;
   /** Verdicts read at start, until their files are registered. */
   private authAtStart = new Map<string, SenderAuth>();
-  private readonly authLog = new GroupAppender();
+  private readonly authLog: GroupAppender;
 
   private constructor(
     readonly dir: string,
@@ -55,6 +56,7 @@ export class SpoolStore {
     this.tmpDir = join(dir, "tmp");
     this.statePath = join(dir, "attempts.json");
     this.authLogPath = join(dir, "auth.log");
+    this.authLog = new GroupAppender(this.authLogPath);
   }
 
   static async open(dir: string, logger: Logger): Promise<SpoolStore> {
@@ -173,15 +175,15 @@ export class SpoolStore {
   }
 
   /**
-   * Records the sender check's verdict: one line appended to auth.log (appends that arrive while one
-   * is being written go out together, with one fdatasync). A verdict lost to a crash leaves the
-   * message unauthenticated, the safe side (quarantine, never a DSN).
+   * Records the sender check's verdict: one line appended to auth.log (grouped, not synced: see
+   * GroupAppender). A verdict lost leaves the message unauthenticated, the safe side (quarantine,
+   * never a DSN).
    */
   async setAuth(id: string, auth: SenderAuth): Promise<void> {
     const entry = this.entries.get(id);
     if (!entry) return;
     entry.auth = auth;
-    await this.authLog.append(this.authLogPath, authLine(id, auth));
+    await this.authLog.append(authLine(id, auth));
   }
 
   /** Makes every entry due now (queue flush). */
@@ -197,30 +199,16 @@ export class SpoolStore {
     await fsyncDirectory(this.dir);
   }
 
-  private saving: Promise<void> | undefined;
-  private queued: Promise<void> | undefined;
+  private readonly attemptsWrites = new GroupCommit(() =>
+    writeFileAtomic(this.statePath, JSON.stringify(this.attempts), { mode: 0o600 }),
+  );
 
   /**
-   * Persists the attempts map. Writes are coalesced: while one write runs, every caller waits for
-   * a single follow-up write that includes all changes made meanwhile (under load, one write per
-   * burst instead of one per message).
+   * Persists the attempts map. Writes are grouped: while one write runs, every caller waits for a
+   * single follow-up write that includes all changes made meanwhile.
    */
   private saveAttempts(): Promise<void> {
-    if (this.queued) return this.queued;
-    const write = () => writeFileAtomic(this.statePath, JSON.stringify(this.attempts), { mode: 0o600 });
-    if (!this.saving) {
-      this.saving = write().finally(() => {
-        this.saving = undefined;
-      });
-      return this.saving;
-    }
-    this.queued = this.saving
-      .catch(() => {})
-      .then(() => {
-        this.queued = undefined;
-        return this.saveAttempts();
-      });
-    return this.queued;
+    return this.attemptsWrites.request();
   }
 }
 
@@ -253,42 +241,32 @@ async function readAuthLog(path: string): Promise<Map<string, SenderAuth>> {
 }
 
 /**
- * Appends lines to a file durably, in groups: while one append (write + fdatasync) runs, every line
- * that arrives waits for the next, which carries them all.
+ * Appends lines to a file in groups (GroupCommit): lines that arrive while one append runs go out
+ * together in the next. Not synced: a process crash keeps what was written (page cache); a power
+ * cut may lose the last verdicts, which leaves those messages unauthenticated (the safe side), and
+ * costs no fsync of its own next to the spool files' fsyncs.
  */
 class GroupAppender {
   private pending: string[] = [];
-  private running: Promise<void> | undefined;
-  private next: Promise<void> | undefined;
+  private readonly group: GroupCommit;
 
-  append(path: string, line: string): Promise<void> {
-    this.pending.push(line);
-    if (this.next) return this.next;
-    if (!this.running) return this.start(path);
-    this.next = this.running
-      .catch(() => {})
-      .then(() => {
-        this.next = undefined;
-        return this.start(path);
-      });
-    return this.next;
-  }
-
-  private start(path: string): Promise<void> {
-    const lines = this.pending;
-    this.pending = [];
-    this.running = (async () => {
+  constructor(path: string) {
+    this.group = new GroupCommit(async () => {
+      const lines = this.pending;
+      this.pending = [];
+      if (lines.length === 0) return;
       const handle = await open(path, "a", 0o600);
       try {
         await handle.appendFile(lines.join(""));
-        await handle.datasync();
       } finally {
         await handle.close();
       }
-    })().finally(() => {
-      this.running = undefined;
     });
-    return this.running;
+  }
+
+  append(line: string): Promise<void> {
+    this.pending.push(line);
+    return this.group.request();
   }
 }
 
