@@ -358,7 +358,8 @@ export class SpoolSealer {
   readonly preamble: Buffer;
   #key: Uint8Array | undefined;
   readonly #noncePrefix: Buffer;
-  readonly #block = Buffer.alloc(SPOOL_CHUNK_SIZE);
+  /** Plaintext of the chunk being filled; grows up to a chunk, so a small message holds little. */
+  #block = Buffer.alloc(0);
   #filled = 0;
   #counter = 0;
   #plaintextLength = 0;
@@ -421,6 +422,7 @@ export class SpoolSealer {
     while (offset < plaintext.length) {
       if (this.#filled === SPOOL_CHUNK_SIZE) sealed.push(this.#seal(false));
       const take = Math.min(SPOOL_CHUNK_SIZE - this.#filled, plaintext.length - offset);
+      if (this.#block.length < this.#filled + take) this.#grow(this.#filled + take);
       this.#block.set(plaintext.subarray(offset, offset + take), this.#filled);
       this.#filled += take;
       offset += take;
@@ -443,6 +445,13 @@ export class SpoolSealer {
     this.#key = undefined;
     this.#block.fill(0);
     this.#filled = 0;
+  }
+
+  #grow(needed: number): void {
+    const block = Buffer.alloc(Math.min(SPOOL_CHUNK_SIZE, Math.max(needed, 2 * this.#block.length)));
+    this.#block.copy(block, 0, 0, this.#filled);
+    this.#block.fill(0);
+    this.#block = block;
   }
 
   #seal(final: boolean): Buffer {
