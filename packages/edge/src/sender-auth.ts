@@ -36,20 +36,37 @@ export function resolverFor(servers: readonly string[]): DnsResolve {
  * still in flight; a timeout or server failure is asked again next time.
  */
 export function cachingResolver(lookup: DnsResolve, now: () => number = Date.now): DnsResolve {
-  const cache = new Map<string, { expires: number; answer: Promise<unknown> }>();
-  return (name, rrtype) => {
-    const key = `${rrtype} ${name.toLowerCase()}`;
-    const cached = cache.get(key);
-    if (cached && cached.expires > now()) return cached.answer;
-    cache.delete(key);
-    if (cache.size >= DNS_CACHE_ENTRIES) cache.delete(cache.keys().next().value as string);
-    const answer = lookup(name, rrtype);
-    cache.set(key, { expires: now() + DNS_CACHE_MS, answer });
-    answer.catch((error: NodeJS.ErrnoException) => {
-      if (!CACHEABLE_DNS_ERRORS.has(error.code ?? "") && cache.get(key)?.answer === answer) cache.delete(key);
+  const answers = new AnswerCache(now, (error) =>
+    CACHEABLE_DNS_ERRORS.has((error as NodeJS.ErrnoException).code ?? ""),
+  );
+  return (name, rrtype) => answers.get(`${rrtype} ${name.toLowerCase()}`, () => lookup(name, rrtype));
+}
+
+/**
+ * Promises shared by key for DNS_CACHE_MS (at most DNS_CACHE_ENTRIES, oldest dropped first). A
+ * rejection stays only if `keepRejection` says so.
+ */
+export class AnswerCache {
+  private readonly entries = new Map<string, { expires: number; answer: Promise<unknown> }>();
+
+  constructor(
+    private readonly now: () => number = Date.now,
+    private readonly keepRejection: (error: unknown) => boolean = () => false,
+  ) {}
+
+  get<T>(key: string, compute: () => Promise<T>): Promise<T> {
+    const cached = this.entries.get(key);
+    if (cached && cached.expires > this.now()) return cached.answer as Promise<T>;
+    this.entries.delete(key);
+    if (this.entries.size >= DNS_CACHE_ENTRIES)
+      this.entries.delete(this.entries.keys().next().value as string);
+    const answer = compute();
+    this.entries.set(key, { expires: this.now() + DNS_CACHE_MS, answer });
+    answer.catch((error: unknown) => {
+      if (!this.keepRejection(error) && this.entries.get(key)?.answer === answer) this.entries.delete(key);
     });
     return answer;
-  };
+  }
 }
 
 /** The header section is scanned for DKIM-Signature up to this size; a longer one is verified in full. */
@@ -73,11 +90,16 @@ export class SenderAuthCheck {
     mta: string;
     resolve: DnsResolve;
     timeoutMs: number;
+    /**
+     * Shares the outcome for unsigned messages by client IP, HELO and sender: with DNS answers
+     * shared too, checking again within DNS_CACHE_MS would give the same SPF result.
+     */
+    unsignedOutcomes?: AnswerCache;
   }) {
     const input = new Promise<Readable | Buffer>((resolve) => {
       this.startWith = resolve;
     });
-    const checking = input.then((message) =>
+    const authenticateMessage = (message: Readable | Buffer) =>
       authenticate(message, {
         ip: context.ip,
         helo: context.helo,
@@ -88,11 +110,17 @@ export class SenderAuthCheck {
         disableArc: true,
         disableDmarc: true,
         disableBimi: true,
-      } as never),
-    ) as Promise<{
-      spf?: { status?: { result?: string } };
-      dkim?: { results?: { status?: { result?: string }; signingDomain?: string }[] };
-    }>;
+      } as never) as Promise<{
+        spf?: { status?: { result?: string } };
+        dkim?: { results?: { status?: { result?: string }; signingDomain?: string }[] };
+      }>;
+    const checking = input.then((message) => {
+      const outcomes = context.unsignedOutcomes;
+      // An unsigned message is checked as an empty one (see decide()): SPF alone, shareable.
+      if (!Buffer.isBuffer(message) || !outcomes) return authenticateMessage(message);
+      const key = `${context.ip} ${context.helo} ${context.sender.toLowerCase()}`;
+      return outcomes.get(key, () => authenticateMessage(message));
+    });
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<undefined>((resolve) => {
       timer = setTimeout(() => resolve(undefined), context.timeoutMs);

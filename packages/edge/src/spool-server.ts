@@ -17,7 +17,7 @@ import {
 } from "@mxtunnel/shared";
 import { SMTPServer, type SMTPServerDataStream, type SMTPServerSession } from "smtp-server";
 import type { RecipientStore } from "./recipients.js";
-import { type DnsResolve, resolverFor, SenderAuthCheck } from "./sender-auth.js";
+import { AnswerCache, type DnsResolve, resolverFor, SenderAuthCheck } from "./sender-auth.js";
 import type { SpoolStore } from "./spool-store.js";
 import type { EdgeState, HomeRecord } from "./state.js";
 
@@ -71,6 +71,7 @@ export class SpoolServer {
   private readonly sessions = new WeakMap<SMTPServerSession, SessionState>();
   private readonly sizes = new Map<string, number>();
   private readonly resolve: DnsResolve;
+  private readonly unsignedOutcomes = new AnswerCache();
   readonly counters = {
     sessions: 0,
     spooled: 0,
@@ -245,6 +246,7 @@ export class SpoolServer {
       mta: this.options.config.hostname,
       resolve: this.resolve,
       timeoutMs: 15_000,
+      unsignedOutcomes: this.unsignedOutcomes,
     });
     let writer: SpoolFileWriter | undefined;
     try {

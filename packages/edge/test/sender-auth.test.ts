@@ -4,7 +4,7 @@ import { join } from "node:path";
 import { generateKeyPair } from "@mxtunnel/shared";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { dkimRecords, dkimSignature, generateDkimKeys, loadDkimKeys } from "../src/dkim.js";
-import { cachingResolver, type DnsResolve, SenderAuthCheck } from "../src/sender-auth.js";
+import { AnswerCache, cachingResolver, type DnsResolve, SenderAuthCheck } from "../src/sender-auth.js";
 
 const MESSAGE = Buffer.from(
   [
@@ -35,7 +35,12 @@ function fakeDns(records: Record<string, string>) {
   return { asked, resolve };
 }
 
-function check(resolve: DnsResolve, message: Buffer, slices = [7, 50, 3]): SenderAuthCheck {
+function check(
+  resolve: DnsResolve,
+  message: Buffer,
+  slices = [7, 50, 3],
+  unsignedOutcomes?: AnswerCache,
+): SenderAuthCheck {
   const auth = new SenderAuthCheck({
     ip: "192.0.2.1",
     helo: "mx.home.test",
@@ -43,6 +48,7 @@ function check(resolve: DnsResolve, message: Buffer, slices = [7, 50, 3]): Sende
     mta: "mx.edge.test",
     resolve,
     timeoutMs: 10_000,
+    ...(unsignedOutcomes ? { unsignedOutcomes } : {}),
   });
   let offset = 0;
   for (let i = 0; offset < message.length; i++) {
@@ -70,6 +76,16 @@ describe("SenderAuthCheck", () => {
     expect(dns.asked.some((q) => q.includes("_domainkey"))).toBe(false);
   });
 
+  it("shares the outcome of unsigned messages from one client and sender, never of signed ones", async () => {
+    const dns = fakeDns({ "home.test": "v=spf1 ip4:192.0.2.1 -all" });
+    const outcomes = new AnswerCache();
+    const first = await check(dns.resolve, MESSAGE, [7], outcomes).result;
+    const second = await check(dns.resolve, MESSAGE, [7], outcomes).result;
+    expect(first).toMatchObject({ spf: "pass" });
+    expect(second).toMatchObject({ spf: "pass", dsnAllowed: true });
+    expect(dns.asked.filter((q) => q === "TXT home.test")).toHaveLength(1);
+  });
+
   it("still verifies DKIM when the header carries a signature (SPF failing)", async () => {
     await generateDkimKeys(dir, ["home.test"], generateKeyPair().publicKey);
     const key = (await loadDkimKeys(dir)).get("home.test");
@@ -77,7 +93,8 @@ describe("SenderAuthCheck", () => {
     if (!key || !record) throw new Error("no DKIM key made for home.test");
     const signed = Buffer.concat([Buffer.from(dkimSignature(MESSAGE, key)), MESSAGE]);
     const dns = fakeDns({ "home.test": "v=spf1 -all", [record.name]: record.record });
-    const verdict = await check(dns.resolve, signed).result;
+    const outcomes = new AnswerCache();
+    const verdict = await check(dns.resolve, signed, [7, 50, 3], outcomes).result;
     expect(verdict).toMatchObject({ spf: "fail", dkimAligned: true, dsnAllowed: true });
     // A changed body no longer passes: the body really was verified.
     const tampered = Buffer.from(signed.toString("latin1").replace("Hello there", "Hello thera"), "latin1");
