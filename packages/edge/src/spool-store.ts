@@ -46,7 +46,10 @@ export class SpoolStore {
   private readonly authLogPath: string;
   /** Verdicts read at start, until their files are registered. */
   private authAtStart = new Map<string, SenderAuth>();
-  private readonly authLog: GroupAppender;
+  /** Verdict lines waiting for the next append, and how many lines auth.log holds. */
+  private pendingVerdicts: string[] = [];
+  private verdictLines = 0;
+  private readonly verdictWrites = new GroupCommit(() => this.writeVerdicts());
 
   private constructor(
     readonly dir: string,
@@ -56,7 +59,6 @@ export class SpoolStore {
     this.tmpDir = join(dir, "tmp");
     this.statePath = join(dir, "attempts.json");
     this.authLogPath = join(dir, "auth.log");
-    this.authLog = new GroupAppender(this.authLogPath);
   }
 
   static async open(dir: string, logger: Logger): Promise<SpoolStore> {
@@ -82,9 +84,7 @@ export class SpoolStore {
       }
     }
     store.authAtStart.clear();
-    // Compaction: the log keeps only the verdicts of messages still spooled.
-    const lines = [...store.entries.values()].filter((e) => e.auth).map((e) => authLine(e.id, e.auth!));
-    await writeFileAtomic(store.authLogPath, lines.join(""), { mode: 0o600 });
+    await store.compactVerdicts();
     return store;
   }
 
@@ -175,15 +175,17 @@ export class SpoolStore {
   }
 
   /**
-   * Records the sender check's verdict: one line appended to auth.log (grouped, not synced: see
-   * GroupAppender). A verdict lost leaves the message unauthenticated, the safe side (quarantine,
-   * never a DSN).
+   * Records the sender check's verdict: one line appended to auth.log. Lines that arrive while an
+   * append runs go out together in the next (GroupCommit). Appends are not synced: a process crash
+   * keeps what was written, and a verdict lost to a power cut leaves its message unauthenticated,
+   * the safe side (quarantine, never a DSN), so the log costs no fsync next to the spool files'.
    */
   async setAuth(id: string, auth: SenderAuth): Promise<void> {
     const entry = this.entries.get(id);
     if (!entry) return;
     entry.auth = auth;
-    await this.authLog.append(authLine(id, auth));
+    this.pendingVerdicts.push(authLine(id, auth));
+    await this.verdictWrites.request();
   }
 
   /** Makes every entry due now (queue flush). */
@@ -199,6 +201,32 @@ export class SpoolStore {
     await fsyncDirectory(this.dir);
   }
 
+  private async writeVerdicts(): Promise<void> {
+    const lines = this.pendingVerdicts;
+    this.pendingVerdicts = [];
+    if (lines.length === 0) return;
+    // Delivered messages' lines stay until a compaction: one when they outnumber the live ones.
+    if (this.verdictLines + lines.length > 2 * this.entries.size + VERDICT_LOG_SLACK) {
+      await this.compactVerdicts();
+      return;
+    }
+    const handle = await open(this.authLogPath, "a", 0o600);
+    try {
+      await handle.appendFile(lines.join(""));
+    } finally {
+      await handle.close();
+    }
+    this.verdictLines += lines.length;
+  }
+
+  /** Rewrites auth.log with the verdicts of the messages still spooled (atomically, synced). */
+  private async compactVerdicts(): Promise<void> {
+    const lines: string[] = [];
+    for (const entry of this.entries.values()) if (entry.auth) lines.push(authLine(entry.id, entry.auth));
+    await writeFileAtomic(this.authLogPath, lines.join(""), { mode: 0o600 });
+    this.verdictLines = lines.length;
+  }
+
   private readonly attemptsWrites = new GroupCommit(() =>
     writeFileAtomic(this.statePath, JSON.stringify(this.attempts), { mode: 0o600 }),
   );
@@ -211,6 +239,9 @@ export class SpoolStore {
     return this.attemptsWrites.request();
   }
 }
+
+/** auth.log may hold this many lines beyond twice the live verdicts before it is compacted. */
+const VERDICT_LOG_SLACK = 1000;
 
 function authLine(id: string, auth: SenderAuth): string {
   return `${JSON.stringify({ id, auth })}\n`;
@@ -238,36 +269,6 @@ async function readAuthLog(path: string): Promise<Map<string, SenderAuth>> {
     }
   }
   return verdicts;
-}
-
-/**
- * Appends lines to a file in groups (GroupCommit): lines that arrive while one append runs go out
- * together in the next. Not synced: a process crash keeps what was written (page cache); a power
- * cut may lose the last verdicts, which leaves those messages unauthenticated (the safe side), and
- * costs no fsync of its own next to the spool files' fsyncs.
- */
-class GroupAppender {
-  private pending: string[] = [];
-  private readonly group: GroupCommit;
-
-  constructor(path: string) {
-    this.group = new GroupCommit(async () => {
-      const lines = this.pending;
-      this.pending = [];
-      if (lines.length === 0) return;
-      const handle = await open(path, "a", 0o600);
-      try {
-        await handle.appendFile(lines.join(""));
-      } finally {
-        await handle.close();
-      }
-    });
-  }
-
-  append(line: string): Promise<void> {
-    this.pending.push(line);
-    return this.group.request();
-  }
 }
 
 /** What `mxtunnel-edge queue` shows of the spool: never content, never addresses. */

@@ -78,6 +78,20 @@ describe("SpoolStore sender verdicts", () => {
     expect(again.list()).toHaveLength(3);
   });
 
+  it("compacts auth.log while running once stale lines outnumber the live verdicts", async () => {
+    const store = await SpoolStore.open(dir, logger);
+    const [kept, delivered] = [await spool(store), await spool(store)];
+    await store.setAuth(delivered, verdict("pass"));
+    await store.remove(delivered);
+    // Each verdict is a line; a thousand re-checks of one message are a thousand stale lines.
+    for (let i = 0; i < 1005; i++) await store.setAuth(kept, verdict(i % 2 === 0 ? "pass" : "fail"));
+    const lines = (await readFile(join(dir, "auth.log"), "utf8")).trim().split("\n");
+    expect(lines.length).toBeLessThan(10);
+    expect(lines.map((line) => JSON.parse(line).id)).not.toContain(delivered);
+    const again = await SpoolStore.open(dir, logger);
+    expect(again.get(kept)?.auth?.spf).toBe("pass");
+  });
+
   it("ignores a verdict for a message no longer spooled", async () => {
     const store = await SpoolStore.open(dir, logger);
     const id = await spool(store);
