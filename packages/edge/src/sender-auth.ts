@@ -2,9 +2,10 @@
 // sender, or a DKIM signature aligned with its domain. A backup MX that later cannot deliver
 // sends a DSN only when this passed; otherwise the message is quarantined, so a forged sender
 // never receives backscatter. DKIM needs the body, which the edge cannot read once it is sealed,
-// so the check runs while the message streams in.
+// so the check runs while the message streams in; a message whose header has no DKIM-Signature
+// field is not parsed further (it cannot pass DKIM), and DNS answers are shared for a short while.
 import { promises as dns } from "node:dns";
-import { PassThrough } from "node:stream";
+import { PassThrough, type Readable } from "node:stream";
 import { authenticate } from "mailauth";
 
 export interface SenderAuth {
@@ -17,16 +18,69 @@ export interface SenderAuth {
 
 export type DnsResolve = (name: string, rrtype: string) => Promise<unknown>;
 
+/** How long a DNS answer (or "no such name") is reused: a burst from one sender costs one lookup. */
+const DNS_CACHE_MS = 30_000;
+const DNS_CACHE_ENTRIES = 10_000;
+/** Answers worth reusing when negative: the name or record does not exist. */
+const CACHEABLE_DNS_ERRORS = new Set(["ENOTFOUND", "ENODATA"]);
+
 export function resolverFor(servers: readonly string[]): DnsResolve {
-  if (servers.length === 0) return (name, rrtype) => dns.resolve(name, rrtype as "TXT");
+  if (servers.length === 0) return cachingResolver((name, rrtype) => dns.resolve(name, rrtype as "TXT"));
   const resolver = new dns.Resolver({ timeout: 3000, tries: 2 });
   resolver.setServers([...servers]);
-  return (name, rrtype) => resolver.resolve(name, rrtype as "TXT");
+  return cachingResolver((name, rrtype) => resolver.resolve(name, rrtype as "TXT"));
 }
+
+/**
+ * Shares each answer (and each "no such name or record") for DNS_CACHE_MS, including a lookup
+ * still in flight; a timeout or server failure is asked again next time.
+ */
+export function cachingResolver(lookup: DnsResolve, now: () => number = Date.now): DnsResolve {
+  const answers = new AnswerCache(now, (error) =>
+    CACHEABLE_DNS_ERRORS.has((error as NodeJS.ErrnoException).code ?? ""),
+  );
+  return (name, rrtype) => answers.get(`${rrtype} ${name.toLowerCase()}`, () => lookup(name, rrtype));
+}
+
+/**
+ * Promises shared by key for DNS_CACHE_MS (at most DNS_CACHE_ENTRIES, oldest dropped first). A
+ * rejection stays only if `keepRejection` says so.
+ */
+export class AnswerCache {
+  private readonly entries = new Map<string, { expires: number; answer: Promise<unknown> }>();
+
+  constructor(
+    private readonly now: () => number = Date.now,
+    private readonly keepRejection: (error: unknown) => boolean = () => false,
+  ) {}
+
+  get<T>(key: string, compute: () => Promise<T>): Promise<T> {
+    const cached = this.entries.get(key);
+    if (cached && cached.expires > this.now()) return cached.answer as Promise<T>;
+    this.entries.delete(key);
+    if (this.entries.size >= DNS_CACHE_ENTRIES)
+      this.entries.delete(this.entries.keys().next().value as string);
+    const answer = compute();
+    this.entries.set(key, { expires: this.now() + DNS_CACHE_MS, answer });
+    answer.catch((error: unknown) => {
+      if (!this.keepRejection(error) && this.entries.get(key)?.answer === answer) this.entries.delete(key);
+    });
+    return answer;
+  }
+}
+
+/** The header section is scanned for DKIM-Signature up to this size; a longer one is verified in full. */
+const MAX_HEADER_SCAN = 256 * 1024;
+const DKIM_SIGNATURE_FIELD = /(?:^|\n)dkim-signature[ \t]*:/i;
 
 /** Feeds the message as it arrives; `result` settles once the message ended and DNS answered. */
 export class SenderAuthCheck {
-  private readonly input = new PassThrough();
+  /** The message for DKIM, once its header shows a signature. */
+  private input: PassThrough | undefined;
+  private header: Buffer[] = [];
+  private headerLength = 0;
+  private decided = false;
+  private startWith: (input: Readable | Buffer) => void = () => {};
   readonly result: Promise<SenderAuth | undefined>;
 
   constructor(context: {
@@ -36,19 +90,37 @@ export class SenderAuthCheck {
     mta: string;
     resolve: DnsResolve;
     timeoutMs: number;
+    /**
+     * Shares the outcome for unsigned messages by client IP, HELO and sender: with DNS answers
+     * shared too, checking again within DNS_CACHE_MS would give the same SPF result.
+     */
+    unsignedOutcomes?: AnswerCache;
   }) {
-    const checking = authenticate(this.input, {
-      ip: context.ip,
-      helo: context.helo,
-      sender: context.sender,
-      mta: context.mta,
-      resolver: context.resolve,
-      disableArc: true,
-      disableBimi: true,
-    } as never) as Promise<{
-      spf?: { status?: { result?: string } };
-      dkim?: { results?: { status?: { result?: string }; signingDomain?: string }[] };
-    }>;
+    const input = new Promise<Readable | Buffer>((resolve) => {
+      this.startWith = resolve;
+    });
+    const authenticateMessage = (message: Readable | Buffer) =>
+      authenticate(message, {
+        ip: context.ip,
+        helo: context.helo,
+        sender: context.sender,
+        mta: context.mta,
+        resolver: context.resolve,
+        // Only SPF and DKIM decide; DMARC would cost DNS lookups and CPU for a result nobody reads.
+        disableArc: true,
+        disableDmarc: true,
+        disableBimi: true,
+      } as never) as Promise<{
+        spf?: { status?: { result?: string } };
+        dkim?: { results?: { status?: { result?: string }; signingDomain?: string }[] };
+      }>;
+    const checking = input.then((message) => {
+      const outcomes = context.unsignedOutcomes;
+      // An unsigned message is checked as an empty one (see decide()): SPF alone, shareable.
+      if (!Buffer.isBuffer(message) || !outcomes) return authenticateMessage(message);
+      const key = `${context.ip} ${context.helo} ${context.sender.toLowerCase()}`;
+      return outcomes.get(key, () => authenticateMessage(message));
+    });
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<undefined>((resolve) => {
       timer = setTimeout(() => resolve(undefined), context.timeoutMs);
@@ -75,11 +147,35 @@ export class SenderAuthCheck {
   }
 
   write(chunk: Buffer): void {
-    this.input.write(chunk);
+    if (this.input) {
+      this.input.write(chunk);
+      return;
+    }
+    if (this.decided) return;
+    this.header.push(chunk);
+    this.headerLength += chunk.length;
+    const text = Buffer.concat(this.header).toString("latin1");
+    const end = text.indexOf("\r\n\r\n");
+    if (end >= 0) this.decide(text.slice(0, end));
+    else if (this.headerLength > MAX_HEADER_SCAN) this.decide(undefined);
   }
 
   end(): void {
-    this.input.end();
+    if (!this.decided) this.decide(Buffer.concat(this.header).toString("latin1"));
+    this.input?.end();
+  }
+
+  /** Unsigned (no DKIM-Signature field in `header`): SPF alone, on an empty message. */
+  private decide(header: string | undefined): void {
+    this.decided = true;
+    if (header !== undefined && !DKIM_SIGNATURE_FIELD.test(header)) {
+      this.startWith(Buffer.alloc(0));
+    } else {
+      this.input = new PassThrough();
+      for (const chunk of this.header) this.input.write(chunk);
+      this.startWith(this.input);
+    }
+    this.header = [];
   }
 }
 

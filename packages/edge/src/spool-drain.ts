@@ -15,6 +15,9 @@ const SPOOL_HEADER_OFFSET = 12;
 
 import type { TunnelServer } from "./tunnel-server.js";
 
+/** How often the spool is scanned for expired messages while no tunnel can take any. */
+const EXPIRY_SCAN_INTERVAL_MS = 900;
+
 export interface SpoolDrainOptions {
   store: SpoolStore;
   tunnels: TunnelServer;
@@ -46,6 +49,7 @@ export class SpoolDrain {
   private timer: NodeJS.Timeout | undefined;
   private stopped = false;
   private scheduled = false;
+  private lastScanAt = 0;
   readonly counters = { delivered: 0, deferred: 0, rejected: 0, duplicates: 0 };
 
   constructor(private readonly options: SpoolDrainOptions) {
@@ -73,7 +77,12 @@ export class SpoolDrain {
   private pass(): void {
     const { store, tunnels, concurrency, stableAfterMs, maxAgeMs } = this.options;
     const now = Date.now();
-    for (const entry of store.list()) {
+    // With no tunnel to drain to, only expiries can be due, and the heartbeat finds those: a scan of
+    // the whole spool for every message spooled while home is away would cost O(n) each.
+    const sendable = tunnels.liveTunnels().some((t) => !t.mux.closed && now - t.connectedAt >= stableAfterMs);
+    if (!sendable && now - this.lastScanAt < EXPIRY_SCAN_INTERVAL_MS) return;
+    this.lastScanAt = now;
+    for (const entry of store.inOrder()) {
       if (this.inFlight.size >= concurrency || this.stopped) return;
       if (this.inFlight.has(entry.id) || entry.nextAttemptAt > now) continue;
       if (now - entry.receivedAt > maxAgeMs) {

@@ -8,6 +8,7 @@ import { pipeline } from "node:stream/promises";
 import {
   decodeKey,
   type EdgeConfig,
+  greetWithoutDelay,
   KeyedRateLimiter,
   type Logger,
   SmugglingGuard,
@@ -16,7 +17,7 @@ import {
 } from "@mxtunnel/shared";
 import { SMTPServer, type SMTPServerDataStream, type SMTPServerSession } from "smtp-server";
 import type { RecipientStore } from "./recipients.js";
-import { type DnsResolve, resolverFor, SenderAuthCheck } from "./sender-auth.js";
+import { AnswerCache, type DnsResolve, resolverFor, SenderAuthCheck } from "./sender-auth.js";
 import type { SpoolStore } from "./spool-store.js";
 import type { EdgeState, HomeRecord } from "./state.js";
 
@@ -70,6 +71,7 @@ export class SpoolServer {
   private readonly sessions = new WeakMap<SMTPServerSession, SessionState>();
   private readonly sizes = new Map<string, number>();
   private readonly resolve: DnsResolve;
+  private readonly unsignedOutcomes = new AnswerCache();
   readonly counters = {
     sessions: 0,
     spooled: 0,
@@ -139,6 +141,9 @@ export class SpoolServer {
         );
       },
     });
+    if (!greetWithoutDelay(this.smtp)) {
+      options.logger.warn("smtp-server internals changed: spool sessions greet after its 100 ms pause");
+    }
     this.smtp.on("error", (error) => options.logger.debug({ err: error.message }, "spool session error"));
   }
 
@@ -241,6 +246,7 @@ export class SpoolServer {
       mta: this.options.config.hostname,
       resolve: this.resolve,
       timeoutMs: 15_000,
+      unsignedOutcomes: this.unsignedOutcomes,
     });
     let writer: SpoolFileWriter | undefined;
     try {
@@ -266,7 +272,7 @@ export class SpoolServer {
         throw reply(550, `5.6.0 Message refused: ${guard.violation} in message data`);
       }
       const committed = await writer.commit();
-      await store.add(committed.path);
+      store.register(committed.path, sealer.header, committed.fileSize);
       // Not awaited: DNS must not hold the 250. Until the verdict is stored the message counts
       // as unauthenticated (quarantine, never a DSN), which is the safe side.
       void auth.result.then((verdict) => (verdict ? store.setAuth(id, verdict) : undefined)).catch(() => {});

@@ -1,10 +1,12 @@
 // The edge's spool directory: sealed messages waiting for home, one file each, plus a small state
-// file with delivery attempts. The edge can list, age and check files (length and hash) but
+// file with delivery attempts and an append-only log of sender-check verdicts (one JSON line per
+// message, compacted at start). The edge can list, age and check files (length and hash) but
 // cannot read them. A file that fails its check at start is quarantined, never delivered.
-import { mkdir, readdir, rename, unlink } from "node:fs/promises";
+import { mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import {
   fsyncDirectory,
+  GroupCommit,
   type Logger,
   readJsonFile,
   readSpoolMeta,
@@ -31,7 +33,7 @@ interface AttemptState {
   tries: number;
   nextAttemptAt: number;
   lastError: string | null;
-  /** The sender check made at spool time (absent: unknown, treated as failed). */
+  /** Written by versions before auth.log; read at start and moved there. */
   auth?: SenderAuth;
 }
 
@@ -41,6 +43,13 @@ export class SpoolStore {
   readonly quarantineDir: string;
   readonly tmpDir: string;
   private readonly statePath: string;
+  private readonly authLogPath: string;
+  /** Verdicts read at start, until their files are registered. */
+  private authAtStart = new Map<string, SenderAuth>();
+  /** Verdict lines waiting for the next append, and how many lines auth.log holds. */
+  private pendingVerdicts: string[] = [];
+  private verdictLines = 0;
+  private readonly verdictWrites = new GroupCommit(() => this.writeVerdicts());
 
   private constructor(
     readonly dir: string,
@@ -49,6 +58,7 @@ export class SpoolStore {
     this.quarantineDir = join(dir, "quarantine");
     this.tmpDir = join(dir, "tmp");
     this.statePath = join(dir, "attempts.json");
+    this.authLogPath = join(dir, "auth.log");
   }
 
   static async open(dir: string, logger: Logger): Promise<SpoolStore> {
@@ -58,6 +68,11 @@ export class SpoolStore {
     // A temporary file is a session that never got its 250: the sender still has the message.
     for (const name of await readdir(store.tmpDir)) await unlink(join(store.tmpDir, name)).catch(() => {});
     store.attempts = (await readJsonFile<Record<string, AttemptState>>(store.statePath)) ?? {};
+    for (const [id, attempt] of Object.entries(store.attempts)) {
+      if (attempt.auth) store.authAtStart.set(id, attempt.auth);
+      delete attempt.auth;
+    }
+    for (const [id, auth] of await readAuthLog(store.authLogPath)) store.authAtStart.set(id, auth);
     for (const name of (await readdir(dir)).sort()) {
       if (!name.endsWith(".spool")) continue;
       const path = join(dir, name);
@@ -68,25 +83,31 @@ export class SpoolStore {
         await store.quarantineFile(path, name.slice(0, -6), (error as Error).message);
       }
     }
+    store.authAtStart.clear();
+    await store.compactVerdicts();
     return store;
   }
 
-  /** Registers a committed file (after its rename and directory fsync). */
+  /** Registers a committed file (after its rename and directory fsync), reading its header. */
   async add(path: string): Promise<SpoolEntry> {
     const meta = await readSpoolMeta(path);
-    const { header } = meta;
+    return this.register(path, meta.header, meta.fileSize);
+  }
+
+  /** Registers a file this process has just committed: what add() would read back from it. */
+  register(path: string, header: SpoolHeader, fileSize: number): SpoolEntry {
     const attempt = this.attempts[header.id];
     const entry: SpoolEntry = {
       id: header.id,
       path,
       header,
       homeKey: String(header.extra.homeKey ?? ""),
-      size: meta.fileSize,
+      size: fileSize,
       receivedAt: Date.parse(header.receivedAt),
       tries: attempt?.tries ?? 0,
       nextAttemptAt: attempt?.nextAttemptAt ?? 0,
       lastError: attempt?.lastError ?? null,
-      auth: attempt?.auth ?? null,
+      auth: this.authAtStart.get(header.id) ?? null,
     };
     this.entries.set(entry.id, entry);
     return entry;
@@ -94,6 +115,14 @@ export class SpoolStore {
 
   get(id: string): SpoolEntry | undefined {
     return this.entries.get(id);
+  }
+
+  /**
+   * The entries oldest first without sorting: in the order they were registered, which is file-name
+   * order at start and spool order afterwards (ids begin with the time in base 36).
+   */
+  inOrder(): IterableIterator<SpoolEntry> {
+    return this.entries.values();
   }
 
   list(): SpoolEntry[] {
@@ -145,18 +174,18 @@ export class SpoolStore {
     }
   }
 
+  /**
+   * Records the sender check's verdict: one line appended to auth.log. Lines that arrive while an
+   * append runs go out together in the next (GroupCommit). Appends are not synced: a process crash
+   * keeps what was written, and a verdict lost to a power cut leaves its message unauthenticated,
+   * the safe side (quarantine, never a DSN), so the log costs no fsync next to the spool files'.
+   */
   async setAuth(id: string, auth: SenderAuth): Promise<void> {
     const entry = this.entries.get(id);
     if (!entry) return;
     entry.auth = auth;
-    this.attempts[id] = {
-      tries: entry.tries,
-      nextAttemptAt: entry.nextAttemptAt,
-      lastError: entry.lastError,
-      ...this.attempts[id],
-      auth,
-    };
-    await this.saveAttempts();
+    this.pendingVerdicts.push(authLine(id, auth));
+    await this.verdictWrites.request();
   }
 
   /** Makes every entry due now (queue flush). */
@@ -172,31 +201,74 @@ export class SpoolStore {
     await fsyncDirectory(this.dir);
   }
 
-  private saving: Promise<void> | undefined;
-  private queued: Promise<void> | undefined;
+  private async writeVerdicts(): Promise<void> {
+    const lines = this.pendingVerdicts;
+    this.pendingVerdicts = [];
+    if (lines.length === 0) return;
+    // Delivered messages' lines stay until a compaction: one when they outnumber the live ones.
+    if (this.verdictLines + lines.length > 2 * this.entries.size + VERDICT_LOG_SLACK) {
+      await this.compactVerdicts();
+      return;
+    }
+    const handle = await open(this.authLogPath, "a", 0o600);
+    try {
+      await handle.appendFile(lines.join(""));
+    } finally {
+      await handle.close();
+    }
+    this.verdictLines += lines.length;
+  }
+
+  /** Rewrites auth.log with the verdicts of the messages still spooled (atomically, synced). */
+  private async compactVerdicts(): Promise<void> {
+    const lines: string[] = [];
+    for (const entry of this.entries.values()) if (entry.auth) lines.push(authLine(entry.id, entry.auth));
+    await writeFileAtomic(this.authLogPath, lines.join(""), { mode: 0o600 });
+    this.verdictLines = lines.length;
+  }
+
+  private readonly attemptsWrites = new GroupCommit(() =>
+    writeFileAtomic(this.statePath, JSON.stringify(this.attempts), { mode: 0o600 }),
+  );
 
   /**
-   * Persists the attempts map. Writes are coalesced: while one write runs, every caller waits for
-   * a single follow-up write that includes all changes made meanwhile (under load, one write per
-   * burst instead of one per message).
+   * Persists the attempts map. Writes are grouped: while one write runs, every caller waits for a
+   * single follow-up write that includes all changes made meanwhile.
    */
   private saveAttempts(): Promise<void> {
-    if (this.queued) return this.queued;
-    const write = () => writeFileAtomic(this.statePath, JSON.stringify(this.attempts), { mode: 0o600 });
-    if (!this.saving) {
-      this.saving = write().finally(() => {
-        this.saving = undefined;
-      });
-      return this.saving;
-    }
-    this.queued = this.saving
-      .catch(() => {})
-      .then(() => {
-        this.queued = undefined;
-        return this.saveAttempts();
-      });
-    return this.queued;
+    return this.attemptsWrites.request();
   }
+}
+
+/** auth.log may hold this many lines beyond twice the live verdicts before it is compacted. */
+const VERDICT_LOG_SLACK = 1000;
+
+function authLine(id: string, auth: SenderAuth): string {
+  return `${JSON.stringify({ id, auth })}\n`;
+}
+
+/** The verdicts in auth.log, later lines winning. A torn last line (a crash mid-append) is skipped. */
+async function readAuthLog(path: string): Promise<Map<string, SenderAuth>> {
+  const verdicts = new Map<string, SenderAuth>();
+  let text: string;
+  try {
+    text = await readFile(path, "utf8");
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === "ENOENT") return verdicts;
+    throw error;
+  }
+  for (const line of text.split("\n")) {
+    if (line === "") continue;
+    try {
+      const record = JSON.parse(line) as { id?: unknown; auth?: unknown };
+      if (typeof record.id === "string" && typeof record.auth === "object" && record.auth !== null) {
+        verdicts.set(record.id, record.auth as SenderAuth);
+      }
+    } catch {
+      // not a whole line: the append it belonged to never finished
+    }
+  }
+  return verdicts;
 }
 
 /** What `mxtunnel-edge queue` shows of the spool: never content, never addresses. */

@@ -13,6 +13,7 @@ import type { AddressInfo } from "node:net";
 import { join } from "node:path";
 import {
   formatHostPort,
+  greetWithoutDelay,
   type HostPort,
   type Logger,
   type MuxStream,
@@ -190,6 +191,9 @@ export class RelayListener {
           .catch((error: Error) => callback(error));
       },
     });
+    if (!greetWithoutDelay(server)) {
+      this.options.logger.warn("smtp-server internals changed: relay sessions greet after its 100 ms pause");
+    }
     server.on("error", (error) => this.options.logger.warn({ err: error.message }, "relay listener error"));
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);

@@ -8,6 +8,7 @@ export * from "./config.js";
 export * from "./doctor-report.js";
 export * from "./dsn.js";
 export * from "./errors.js";
+export * from "./group-commit.js";
 export * from "./handshake.js";
 export * from "./keys.js";
 export * from "./log.js";
@@ -28,6 +29,7 @@ export {
 export * from "./protocol.js";
 export * from "./proxy-header.js";
 export * from "./secure-channel.js";
+export * from "./smtp-greeting.js";
 export * from "./smtp-guard.js";
 export * from "./splice.js";
 export * from "./spool-file.js";

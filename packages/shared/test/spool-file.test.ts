@@ -1,4 +1,5 @@
 import { createHash, hkdfSync, randomBytes } from "node:crypto";
+import { readFileSync } from "node:fs";
 import * as fs from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -188,6 +189,40 @@ describe("SpoolSealer and SpoolOpener", () => {
     expect(Buffer.concat(opened as Uint8Array[]).equals(plaintext)).toBe(true);
     // the final flag matters: the last chunk does not open as a non-final one
     expect(nacl.secretbox.open(chunks[2] as Buffer, specNonce(header, 2, false), key)).toBeNull();
+  });
+
+  it("derives the body key exactly as tweetnacl's box.before did, for any spool key (both directions)", () => {
+    for (let i = 0; i < 16; i++) {
+      const keys = spoolKeys();
+      const plaintext = randomBytes(100 + i);
+      // Sealed here (X25519 in node:crypto), opened with tweetnacl's box.before as the oracle.
+      const { sealer, chunks, header } = seal(plaintext, sealerOptions({ spoolPublicKey: keys.publicKey }));
+      const key = specKey(sealer.preamble.subarray(12), header, keys);
+      const opened = nacl.secretbox.open(chunks[0] as Buffer, specNonce(header, 0, true), key);
+      expect(opened && Buffer.from(opened).equals(plaintext)).toBe(true);
+      // And the other way: opened here with the key pair as tweetnacl made it.
+      const reopened = openAll(header, Buffer.concat(chunks), keys);
+      expect(reopened.error).toBeUndefined();
+      expect(reopened.plaintext.equals(plaintext)).toBe(true);
+    }
+  });
+
+  it("opens a file sealed before X25519 moved to node:crypto (tweetnacl fixture)", async () => {
+    const fixture = JSON.parse(
+      readFileSync(new URL("./fixtures/spool-file-tweetnacl.json", import.meta.url), "utf8"),
+    ) as { spoolPrivateKey: string; spoolPublicKey: string; plaintext: string; file: string };
+    const keys = {
+      privateKey: new Uint8Array(Buffer.from(fixture.spoolPrivateKey, "hex")),
+      publicKey: new Uint8Array(Buffer.from(fixture.spoolPublicKey, "hex")),
+    };
+    const path = join(dir, "fixture-tweetnacl-1.spool");
+    await fs.writeFile(path, Buffer.from(fixture.file, "base64"));
+    const meta = await verifySpoolFile(path);
+    const opener = new SpoolOpener(meta.header, keys);
+    const released: Buffer[] = [];
+    for await (const piece of openSpoolCipherStream(path, meta)) released.push(opener.update(piece));
+    released.push(opener.final());
+    expect(Buffer.concat(released).toString("utf8")).toBe(fixture.plaintext);
   });
 
   it("uses a fresh ephemeral key and nonce prefix for every file", () => {
@@ -632,18 +667,19 @@ describe("SpoolFileWriter on a full disk", () => {
     expect((await fs.readdir(dir)).filter((name) => name !== "tmp")).toEqual([]);
   }
 
-  it("create() rejects when even the preamble cannot be written", async () => {
+  it("a small message is written once, at commit: a disk that refuses it fails commit() and leaves nothing", async () => {
     const open = fullDiskOpen({ afterWrites: 0 });
-    await expect(
-      SpoolFileWriter.create(dir, new SpoolSealer(sealerOptions()), { tmpDir, open }),
-    ).rejects.toMatchObject({ code: "ENOSPC" });
+    const writer = await SpoolFileWriter.create(dir, new SpoolSealer(sealerOptions()), { tmpDir, open });
+    await writer.write(Buffer.from("short message"));
+    await expect(writer.commit()).rejects.toMatchObject({ code: "ENOSPC" });
     await expectNothingLeft();
   });
 
   it("write() rejects mid-message and the temporary file is removed", async () => {
-    const open = fullDiskOpen({ afterWrites: 2 });
+    const open = fullDiskOpen({ afterWrites: 0 });
     const writer = await SpoolFileWriter.create(dir, new SpoolSealer(sealerOptions()), { tmpDir, open });
     await writer.write(randomBytes(CHUNK)); // held back: nothing written yet
+    // Sealed chunks are written once a chunk's worth is ready: this is the first write, refused.
     await expect(writer.write(randomBytes(3 * CHUNK))).rejects.toMatchObject({ code: "ENOSPC" });
     await expectNothingLeft();
     await expect(writer.commit()).rejects.toThrow(/aborted/);
@@ -652,7 +688,7 @@ describe("SpoolFileWriter on a full disk", () => {
   });
 
   it("commit() rejects when the final chunk or trailer cannot be written (no tmpDir)", async () => {
-    const open = fullDiskOpen({ afterWrites: 1 });
+    const open = fullDiskOpen({ afterWrites: 0 });
     const writer = await SpoolFileWriter.create(dir, new SpoolSealer(sealerOptions()), { open });
     await writer.write(Buffer.from("short message"));
     await expect(writer.commit()).rejects.toMatchObject({ code: "ENOSPC" });
