@@ -37,6 +37,7 @@ const settings: EdgeOutbound = {
   maxMessageSize: 64 * 1024,
   connectTimeout: 1000,
   commandTimeout: 1000,
+  tlsCaFile: null,
 };
 
 function message(from = "alice@home.test", extra = ""): Buffer {
