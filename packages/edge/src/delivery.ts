@@ -1,10 +1,14 @@
 // Outbound delivery of one message to one recipient domain: route lookup (transports, MX with
 // A/AAAA fallback, null MX, refusal of loopback/private/own addresses) and one SMTP connection
-// (nodemailer's SMTPConnection, EHLO = the edge hostname, opportunistic or required STARTTLS)
-// carrying every recipient of that domain, with a result per recipient.
-import { Resolver } from "node:dns/promises";
+// (nodemailer's SMTPConnection, EHLO = the edge hostname) carrying every recipient of that domain,
+// with a result per recipient. TLS follows Postfix's levels: for `requireTLS` domains "verify"
+// (STARTTLS required, the certificate must chain to a trusted CA and name the MX host connected to;
+// a failure defers, never falls back to plain text), for all others "may" (encrypt if offered, no
+// verification, since refusing an unverifiable certificate would bounce mail plain text delivers).
+import { lookup, Resolver } from "node:dns/promises";
 import net from "node:net";
 import os from "node:os";
+import tls from "node:tls";
 import { formatHostPort, type HostPort, isPrivateClientAddress, type Logger } from "@mxtunnel/shared";
 import SMTPConnection from "nodemailer/lib/smtp-connection";
 
@@ -49,8 +53,8 @@ export interface DelivererOptions {
   commandTimeoutMs: number;
   /** Addresses that are this edge itself, beyond the interfaces' (e.g. the listen addresses). */
   ownAddresses?: string[];
-  /** For tests: trust a self-signed certificate (never in production). */
-  tls?: { rejectUnauthorized: boolean };
+  /** PEM certificates trusted for `requireTLS` domains besides Node's CAs (`outbound.tlsCaFile`). */
+  tlsCa?: string[];
   /** Port for MX hosts (25; tests may change it). */
   mxPort?: number;
 }
@@ -94,16 +98,23 @@ function errorCode(error: unknown): string {
 export class Deliverer {
   private readonly resolver = new Resolver({ timeout: 5000, tries: 2 });
   private readonly own: Set<string>;
+  /** Node's CAs plus `tlsCa`, built once (a `ca` option per connection would parse them all each time). */
+  private readonly verifyContext: tls.SecureContext | undefined;
 
   constructor(private readonly options: DelivererOptions) {
     if (options.dnsServers.length > 0) this.resolver.setServers(options.dnsServers);
     this.own = ownAddresses(options.ownAddresses ?? []);
+    const extraCa = options.tlsCa ?? [];
+    this.verifyContext =
+      extraCa.length > 0
+        ? tls.createSecureContext({ ca: [...tls.rootCertificates, ...extraCa], minVersion: MIN_TLS_VERSION })
+        : undefined;
   }
 
   /** Where mail for `domain` goes, best first. Throws RouteError when there is nowhere to go. */
   async route(domain: string): Promise<NextHop[]> {
     const transport = this.options.transports[domain];
-    if (transport) return [{ name: transport.host, addresses: [transport.host], port: transport.port }];
+    if (transport) return [await this.transportHop(domain, transport)];
     const port = this.options.mxPort ?? 25;
     let mxs: { exchange: string; priority: number }[];
     try {
@@ -137,11 +148,7 @@ export class Deliverer {
         else hops.push({ name: host, addresses: [host], port });
         continue;
       }
-      const [v4, v6] = await Promise.all([
-        this.resolver.resolve4(host).catch((e: unknown) => e as Error),
-        this.resolver.resolve6(host).catch((e: unknown) => e as Error),
-      ]);
-      const found = [...(Array.isArray(v4) ? v4 : []), ...(Array.isArray(v6) ? v6 : [])];
+      const found = await this.addressesOf(host);
       if (found.length === 0) {
         lookupFailed++;
         continue;
@@ -169,6 +176,38 @@ export class Deliverer {
       throw new RouteError("failed", 550, "5.1.2", `${domain} has no MX, A or AAAA record`);
     }
     throw new RouteError("deferred", 451, "4.4.4", `no address found for the mail servers of ${domain}`);
+  }
+
+  /** A host's A and AAAA records from the edge's resolver; empty when it has none or the lookup failed. */
+  private async addressesOf(host: string): Promise<string[]> {
+    const [v4, v6] = await Promise.all([
+      this.resolver.resolve4(host).catch((e: unknown) => e as Error),
+      this.resolver.resolve6(host).catch((e: unknown) => e as Error),
+    ]);
+    return [...(Array.isArray(v4) ? v4 : []), ...(Array.isArray(v6) ? v6 : [])];
+  }
+
+  /**
+   * The next hop `transports` names: its address, or the addresses its name has (the edge's resolver,
+   * then the system's, which reads the hosts file). The name stays the hop's: TLS verifies it.
+   * Transports may point anywhere, loopback and private addresses included.
+   */
+  private async transportHop(domain: string, transport: HostPort): Promise<NextHop> {
+    const { host, port } = transport;
+    if (net.isIP(host)) return { name: host, addresses: [host], port };
+    let addresses = await this.addressesOf(host);
+    if (addresses.length === 0) {
+      const found = await lookup(host, { all: true }).catch(() => []);
+      addresses = found.map((a) => a.address);
+    }
+    if (addresses.length === 0)
+      throw new RouteError(
+        "deferred",
+        451,
+        "4.4.4",
+        `no address found for ${host}, the transport of ${domain}`,
+      );
+    return { name: host, addresses, port };
   }
 
   /** Delivers to one domain; never throws: every recipient gets a result. */
@@ -204,6 +243,17 @@ export class Deliverer {
     const requireTLS = options.requireTLS.includes(request.domain);
     const remoteMta = hop.name;
     const log = options.logger.child({ domain: request.domain, mx: hop.name, address });
+    // SNI and the name checked against the certificate: the MX host's name, never the address dialled
+    // (an address literal hop leaves servername out, and Node checks the address instead).
+    const servername = net.isIP(hop.name) ? undefined : hop.name;
+    const tlsOptions: tls.ConnectionOptions = requireTLS
+      ? {
+          servername,
+          rejectUnauthorized: true,
+          minVersion: MIN_TLS_VERSION,
+          ...(this.verifyContext ? { secureContext: this.verifyContext } : {}),
+        }
+      : { servername, rejectUnauthorized: false, minVersion: MIN_TLS_VERSION };
     const connection = new SMTPConnection({
       host: address,
       port: hop.port,
@@ -213,11 +263,7 @@ export class Deliverer {
       connectionTimeout: options.connectTimeoutMs,
       greetingTimeout: options.commandTimeoutMs,
       socketTimeout: options.commandTimeoutMs,
-      tls: {
-        servername: net.isIP(hop.name) ? undefined : hop.name,
-        rejectUnauthorized: options.tls?.rejectUnauthorized ?? false,
-        minVersion: "TLSv1.2",
-      },
+      tls: tlsOptions,
     } as SMTPConnection.Options);
     const all = (outcome: Outcome, code: number, enhanced: string, message: string) =>
       request.recipients.map((r) => ({ address: r.address, outcome, code, enhanced, message, remoteMta }));
@@ -230,6 +276,13 @@ export class Deliverer {
       const reply = e.response ?? "";
       const code = e.responseCode ?? 0;
       log.info({ err: e.message, code }, "connection failed");
+      const certificateProblem = requireTLS ? certificateFailure(e, hop.name) : undefined;
+      if (certificateProblem) {
+        return {
+          kind: "retry-next",
+          results: all("deferred", 451, "4.7.5", `TLS required for ${request.domain}: ${certificateProblem}`),
+        };
+      }
       if (e.code === "ETLS" && requireTLS) {
         return {
           kind: "retry-next",
@@ -361,6 +414,53 @@ export class Deliverer {
       });
     });
   }
+}
+
+const MIN_TLS_VERSION = "TLSv1.2";
+
+/** OpenSSL's certificate verification results as Node reports them (docs: "X509 certificate error codes"). */
+const CERTIFICATE_ERRORS = new Set([
+  "UNABLE_TO_GET_ISSUER_CERT",
+  "UNABLE_TO_GET_CRL",
+  "UNABLE_TO_DECRYPT_CERT_SIGNATURE",
+  "UNABLE_TO_DECRYPT_CRL_SIGNATURE",
+  "UNABLE_TO_DECODE_ISSUER_PUBLIC_KEY",
+  "CERT_SIGNATURE_FAILURE",
+  "CRL_SIGNATURE_FAILURE",
+  "CERT_NOT_YET_VALID",
+  "CERT_HAS_EXPIRED",
+  "CRL_NOT_YET_VALID",
+  "CRL_HAS_EXPIRED",
+  "ERROR_IN_CERT_NOT_BEFORE_FIELD",
+  "ERROR_IN_CERT_NOT_AFTER_FIELD",
+  "ERROR_IN_CRL_LAST_UPDATE_FIELD",
+  "ERROR_IN_CRL_NEXT_UPDATE_FIELD",
+  "DEPTH_ZERO_SELF_SIGNED_CERT",
+  "SELF_SIGNED_CERT_IN_CHAIN",
+  "UNABLE_TO_GET_ISSUER_CERT_LOCALLY",
+  "UNABLE_TO_VERIFY_LEAF_SIGNATURE",
+  "CERT_CHAIN_TOO_LONG",
+  "CERT_REVOKED",
+  "INVALID_CA",
+  "PATH_LENGTH_EXCEEDED",
+  "INVALID_PURPOSE",
+  "CERT_UNTRUSTED",
+  "CERT_REJECTED",
+  "HOSTNAME_MISMATCH",
+]);
+
+/** Why the server's certificate was refused, or undefined when `error` is not a verification failure. */
+function certificateFailure(error: Error, name: string): string | undefined {
+  // nodemailer files socket errors under its own code (ESOCKET) and keeps Node's as originalCode.
+  const { code, originalCode } = error as { code?: string; originalCode?: string };
+  const nodeCode = originalCode ?? code ?? "";
+  if (nodeCode === "ERR_TLS_CERT_ALTNAME_INVALID") {
+    const reason = (error as { reason?: string }).reason ?? error.message;
+    return `certificate of ${name} does not match that name (${oneLine(reason)})`;
+  }
+  if (CERTIFICATE_ERRORS.has(nodeCode))
+    return `certificate of ${name} not trusted (${oneLine(error.message)})`;
+  return undefined;
 }
 
 function shuffleWithinPriority<T extends { priority: number }>(list: T[]): T[] {

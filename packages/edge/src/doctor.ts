@@ -1,7 +1,9 @@
 // `mxtunnel-edge doctor`: live checks of everything outside the code that decides whether mail flows —
 // DNS (MX, A/AAAA, PTR, SPF, DKIM, DMARC) asked of the resolvers in `dnsServers`, DNS blocklists,
-// outbound port 25, the tunnels and clocks of the paired homes (from the running agent), free space.
+// outbound port 25, outbound TLS (what requireTLS verifies, tlsCaFile's certificates still valid),
+// the tunnels and clocks of the paired homes (from the running agent), free space.
 // Each check is one line with pass / warn / fail and the fix.
+import { X509Certificate } from "node:crypto";
 import { Resolver } from "node:dns/promises";
 import { statfs } from "node:fs/promises";
 import net from "node:net";
@@ -12,6 +14,7 @@ import {
   type EdgeConfig,
   formatHostPort,
   type HostPort,
+  readCaFile,
 } from "@mxtunnel/shared";
 import type { DkimRecordFile } from "./dkim.js";
 import { dmarcRecord, reverseName, spfRecord } from "./dns-records.js";
@@ -99,6 +102,7 @@ export async function edgeDoctor(input: EdgeDoctorInput): Promise<DoctorCheck[]>
     ...config.domains.map((domain) => domainChecks(dns, config, domain, addresses, input.dkim)),
     dnsblChecks(dns, config.checks.dnsbls, addresses),
     port25Check(config.checks.outboundProbe, host, timeoutMs),
+    Promise.resolve(outboundTlsChecks(config)),
     Promise.resolve(tunnelChecks(input.probe)),
     diskCheck(input.dir, config.checks.minFreeSpace),
   ]);
@@ -515,6 +519,63 @@ function tunnelChecks(probe: EdgeProbe | null): DoctorCheck[] {
       continue;
     }
     out.push(...connectedPeerChecks(`home ${home.name}`, home, "home", "agent"));
+  }
+  return out;
+}
+
+/** What `requireTLS` verifies, against which CAs; `outbound.tlsCaFile` readable and its certificates current. */
+export function outboundTlsChecks(config: EdgeConfig, now = Date.now()): DoctorCheck[] {
+  const { requireTLS } = config;
+  const path = config.outbound.tlsCaFile;
+  if (requireTLS.length === 0 && !path) return [];
+  let extra: string[] = [];
+  if (path) {
+    try {
+      extra = readCaFile(path);
+    } catch (error) {
+      return [
+        check(
+          "fail",
+          "outbound-tls",
+          `outbound.tlsCaFile: ${(error as Error).message}; the edge will not start`,
+          "point outbound.tlsCaFile at a readable PEM file of CA certificates, or set it to null",
+        ),
+      ];
+    }
+  }
+  const out: DoctorCheck[] = [];
+  extra.forEach((pem, i) => {
+    const certificate = new X509Certificate(pem);
+    const subject = certificate.subject.replace(/\n/g, ", ");
+    if (Date.parse(certificate.validTo) < now || Date.parse(certificate.validFrom) > now) {
+      out.push(
+        check(
+          "warn",
+          "outbound-tls",
+          `certificate ${i + 1} in outbound.tlsCaFile (${subject}) is valid only from ${certificate.validFrom} to ${certificate.validTo}: no certificate verifies against it`,
+          "replace it with the CA's current certificate",
+        ),
+      );
+    }
+  });
+  const trust = path ? `Node's CAs and the ${extra.length} of ${path}` : "Node's CAs";
+  if (requireTLS.length === 0) {
+    out.push(
+      check(
+        "warn",
+        "outbound-tls",
+        "outbound.tlsCaFile is set but requireTLS lists no domain, so it is not used (other domains' TLS is not verified)",
+        "list the domains whose MX certificates it should verify in requireTLS",
+      ),
+    );
+  } else {
+    out.push(
+      check(
+        "pass",
+        "outbound-tls",
+        `mail to ${requireTLS.join(", ")} only over STARTTLS with a certificate from ${trust} naming the MX host; other domains: TLS when offered, unverified`,
+      ),
+    );
   }
   return out;
 }

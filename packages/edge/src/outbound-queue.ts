@@ -16,12 +16,14 @@ import os from "node:os";
 import { basename, dirname, join } from "node:path";
 import {
   buildDsn,
+  ConfigError,
   type EdgeConfig,
   type EdgeOutbound,
   fsyncDirectory,
   isPrivateClientAddress,
   type Logger,
   type MuxStream,
+  readCaFile,
   TokenBucket,
   writeFileAtomic,
 } from "@mxtunnel/shared";
@@ -951,6 +953,17 @@ export function edgePublicAddress(config: EdgeConfig): string {
   return "127.0.0.1";
 }
 
+/** The extra CA certificates of `outbound.tlsCaFile` (checked at config load; read again here). */
+function outboundTrustAnchors(config: EdgeConfig): string[] {
+  const path = config.outbound.tlsCaFile;
+  if (!path) return [];
+  try {
+    return readCaFile(path);
+  } catch (error) {
+    throw new ConfigError([`outbound.tlsCaFile: ${(error as Error).message}`]);
+  }
+}
+
 /** Builds and starts the outbound queue of a running edge (DKIM keys, MX delivery, DSNs to homes). */
 export async function startOutbound(options: {
   dir: string;
@@ -971,6 +984,7 @@ export async function startOutbound(options: {
     transports: config.transports,
     dnsServers: config.dnsServers,
     requireTLS: config.requireTLS,
+    tlsCa: outboundTrustAnchors(config),
     logger: logger.child({ component: "delivery" }),
     connectTimeoutMs: config.outbound.connectTimeout,
     commandTimeoutMs: config.outbound.commandTimeout,

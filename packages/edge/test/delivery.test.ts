@@ -1,5 +1,9 @@
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import type { AddressInfo } from "node:net";
-import { createLogger, type HostPort } from "@mxtunnel/shared";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createLogger, type HostPort, readCaFile } from "@mxtunnel/shared";
+import { generate } from "selfsigned";
 import { SMTPServer } from "smtp-server";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startDnsServer } from "../../../test/helpers/dns-server.js";
@@ -161,6 +165,14 @@ describe("route lookup", () => {
     expect(dns.queries.length).toBe(before);
   });
 
+  it("resolves a transport's host name with dnsServers, loopback allowed, and keeps the name", async () => {
+    const hops = await deliverer({
+      dnsServers: [dns.address],
+      transports: { "remote.test": { host: "mx.loop.test", port: 2526 } },
+    }).route("remote.test");
+    expect(hops).toEqual([{ name: "mx.loop.test", addresses: ["127.0.0.1"], port: 2526 }]);
+  });
+
   it("classifies destinations", () => {
     const own = new Set(["203.0.113.1"]);
     expect(isRefusedDestination("127.0.0.1", own)).toBe(true);
@@ -243,5 +255,172 @@ describe("delivery over SMTP", () => {
     });
     expect(noTls[0]?.outcome).toBe("deferred");
     expect(noTls[0]?.enhanced).toBe("4.7.10");
+  });
+});
+
+describe("outbound TLS", () => {
+  // A throwaway CA issuing the MX's certificate, a second CA nobody trusts, and a self-signed one.
+  type Pems = { key: string; cert: string };
+  const caExtensions = [
+    { name: "basicConstraints" as const, cA: true, critical: true },
+    { name: "keyUsage" as const, keyCertSign: true, cRLSign: true, critical: true },
+  ];
+  const leafExtensions = (name: string) => [
+    { name: "basicConstraints" as const, cA: false },
+    { name: "extKeyUsage" as const, serverAuth: true },
+    { name: "subjectAltName" as const, altNames: [{ type: 2 as const, value: name }] },
+  ];
+  const makeCa = async (cn: string): Promise<Pems> => {
+    const made = await generate([{ name: "commonName", value: cn }], {
+      keyType: "ec",
+      algorithm: "sha256",
+      extensions: caExtensions,
+    });
+    return { key: made.private, cert: made.cert };
+  };
+  const makeLeaf = async (name: string, ca?: Pems): Promise<Pems> => {
+    const made = await generate([{ name: "commonName", value: name }], {
+      keyType: "ec",
+      algorithm: "sha256",
+      extensions: leafExtensions(name),
+      ...(ca ? { ca } : {}),
+    });
+    return { key: made.private, cert: made.cert };
+  };
+
+  let dir: string;
+  let caFile: string;
+  let dns: Awaited<ReturnType<typeof startDnsServer>>;
+  let trusted: Awaited<ReturnType<typeof tlsReceiver>>;
+  let untrusted: Awaited<ReturnType<typeof tlsReceiver>>;
+  let selfSigned: Awaited<ReturnType<typeof tlsReceiver>>;
+  let plain: Awaited<ReturnType<typeof receiver>>;
+
+  async function tlsReceiver(pems: Pems) {
+    const sni: string[] = [];
+    const received: { secure: boolean; rcptTo: string[] }[] = [];
+    const server = new SMTPServer({
+      authOptional: true,
+      disabledCommands: ["AUTH"],
+      logger: false,
+      key: pems.key,
+      cert: pems.cert,
+      SNICallback(servername, callback) {
+        sni.push(servername);
+        callback(null, undefined);
+      },
+      onData(stream, session, callback) {
+        stream.resume();
+        stream.on("end", () => {
+          received.push({ secure: session.secure, rcptTo: session.envelope.rcptTo.map((r) => r.address) });
+          callback();
+        });
+      },
+    });
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    const port = (server.server.address() as AddressInfo).port;
+    return { port, sni, received, stop: () => new Promise<void>((r) => server.close(() => r())) };
+  }
+
+  beforeAll(async () => {
+    const ca = await makeCa("mxtunnel test CA");
+    const stranger = await makeCa("unknown test CA");
+    dir = await mkdtemp(join(tmpdir(), "mxt-delivery-tls-"));
+    caFile = join(dir, "ca.pem");
+    await writeFile(caFile, ca.cert);
+    trusted = await tlsReceiver(await makeLeaf("mx.remote.test", ca));
+    untrusted = await tlsReceiver(await makeLeaf("mx.remote.test", stranger));
+    selfSigned = await tlsReceiver(await makeLeaf("mx.remote.test"));
+    plain = await receiver({});
+    // Both names lead to the loopback MX; only the first is in its certificate.
+    dns = await startDnsServer({
+      "mx.remote.test": { a: ["127.0.0.1"] },
+      "alias.remote.test": { a: ["127.0.0.1"] },
+    });
+  });
+  afterAll(async () => {
+    await Promise.all([trusted.stop(), untrusted.stop(), selfSigned.stop(), plain.stop(), dns.stop()]);
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  const send = (options: { host: string; port: number; requireTLS: boolean; tlsCa?: string[] }) =>
+    new Deliverer({
+      hostname: "mx.edge.test",
+      transports: { "remote.test": { host: options.host, port: options.port } },
+      dnsServers: [dns.address],
+      requireTLS: options.requireTLS ? ["remote.test"] : [],
+      logger,
+      connectTimeoutMs: 5000,
+      commandTimeoutMs: 10_000,
+      ...(options.tlsCa ? { tlsCa: options.tlsCa } : {}),
+    }).deliver({
+      domain: "remote.test",
+      mailFrom: "a@home.test",
+      params: {},
+      recipients: [{ address: "b@remote.test", params: {} }],
+      message: Buffer.from("From: a@home.test\r\n\r\nx\r\n"),
+    });
+
+  it("delivers to a requireTLS domain whose MX presents a certificate from the configured CA for its name", async () => {
+    const results = await send({
+      host: "mx.remote.test",
+      port: trusted.port,
+      requireTLS: true,
+      tlsCa: readCaFile(caFile),
+    });
+    expect(results.map((r) => [r.outcome, r.remoteMta])).toEqual([["delivered", "mx.remote.test"]]);
+    expect(trusted.received.at(-1)).toEqual({ secure: true, rcptTo: ["b@remote.test"] });
+    // SNI names the MX host (resolved by the edge to 127.0.0.1), not the address dialled.
+    expect(trusted.sni.at(-1)).toBe("mx.remote.test");
+  });
+
+  it("defers a requireTLS domain when the certificate does not name the MX host", async () => {
+    const before = trusted.received.length;
+    const results = await send({
+      host: "alias.remote.test",
+      port: trusted.port,
+      requireTLS: true,
+      tlsCa: readCaFile(caFile),
+    });
+    expect(results[0]).toMatchObject({ outcome: "deferred", code: 451, enhanced: "4.7.5" });
+    expect(results[0]?.message).toContain("certificate of alias.remote.test does not match that name");
+    expect(trusted.received.length).toBe(before);
+  });
+
+  it("defers a requireTLS domain when the certificate is from an unknown CA or self-signed", async () => {
+    const unknownCa = await send({
+      host: "mx.remote.test",
+      port: untrusted.port,
+      requireTLS: true,
+      tlsCa: readCaFile(caFile),
+    });
+    expect(unknownCa[0]).toMatchObject({ outcome: "deferred", enhanced: "4.7.5" });
+    expect(unknownCa[0]?.message).toContain("certificate of mx.remote.test not trusted");
+    expect(untrusted.received).toHaveLength(0);
+    // Without tlsCaFile, only Node's CAs are trusted: the test CA's certificate is refused too.
+    const nodeCasOnly = await send({ host: "mx.remote.test", port: trusted.port, requireTLS: true });
+    expect(nodeCasOnly[0]).toMatchObject({ outcome: "deferred", enhanced: "4.7.5" });
+    const selfSignedResult = await send({
+      host: "mx.remote.test",
+      port: selfSigned.port,
+      requireTLS: true,
+      tlsCa: readCaFile(caFile),
+    });
+    expect(selfSignedResult[0]?.message).toMatch(
+      /certificate of mx\.remote\.test not trusted \(self[- ]signed/,
+    );
+    expect(selfSigned.received).toHaveLength(0);
+  });
+
+  it("defers a requireTLS domain whose MX offers no STARTTLS, never sending in plain text", async () => {
+    const results = await send({ host: "127.0.0.1", port: plain.port, requireTLS: true });
+    expect(results[0]).toMatchObject({ outcome: "deferred", enhanced: "4.7.10" });
+    expect(plain.received).toHaveLength(0);
+  });
+
+  it("still delivers to other domains over TLS it cannot verify (opportunistic)", async () => {
+    const results = await send({ host: "mx.remote.test", port: selfSigned.port, requireTLS: false });
+    expect(results[0]?.outcome).toBe("delivered");
+    expect(selfSigned.received).toEqual([{ secure: true, rcptTo: ["b@remote.test"] }]);
   });
 });

@@ -1,10 +1,11 @@
 // `doctor` against a local test DNS server: a correct zone passes, each broken record fails with a
 // precise line. No internet: the resolver is the loopback test server, port 25 a loopback listener.
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { type DoctorCheck, type EdgeConfig, generateKeyPair, parseEdgeConfig } from "@mxtunnel/shared";
+import { generate } from "selfsigned";
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
 import {
   reverseName,
@@ -13,7 +14,7 @@ import {
   type Zone,
 } from "../../../test/helpers/dns-server.js";
 import { type DkimRecordFile, generateDkimKeys } from "../src/dkim.js";
-import { type EdgeProbe, edgeDoctor } from "../src/doctor.js";
+import { type EdgeProbe, edgeDoctor, outboundTlsChecks } from "../src/doctor.js";
 
 const IP = "192.0.2.10";
 const HOST = "mx.example.test";
@@ -270,5 +271,38 @@ describe("edge doctor", () => {
       "home late's clock is 90000 ms behind",
     ]);
     expect(checks.find((c) => c.check === "version")?.message).toContain("the home runs 9.0.0");
+  });
+
+  it("says what requireTLS verifies, and flags a tlsCaFile that vanished, expired or is unused", async () => {
+    expect((await doctor()).filter((c) => c.check === "outbound-tls")).toEqual([]);
+    const made = await generate([{ name: "commonName", value: "partner CA" }], {
+      keyType: "ec",
+      algorithm: "sha256",
+      notAfterDate: new Date("2030-01-01T00:00:00Z"),
+      extensions: [{ name: "basicConstraints", cA: true, critical: true }],
+    });
+    const caFile = join(dir, "partner-ca.pem");
+    await writeFile(caFile, made.cert);
+    const outbound = { ...config.outbound, tlsCaFile: caFile };
+    const tlsChecks = (overrides: Partial<EdgeConfig>, now?: number) =>
+      outboundTlsChecks({ ...config, ...overrides }, now).map((c) => [c.level, c.message]);
+
+    expect(tlsChecks({ requireTLS: ["partner.test"], outbound })).toEqual([
+      [
+        "pass",
+        `mail to partner.test only over STARTTLS with a certificate from Node's CAs and the 1 of ${caFile} naming the MX host; other domains: TLS when offered, unverified`,
+      ],
+    ]);
+    const expired = tlsChecks({ requireTLS: ["partner.test"], outbound }, Date.parse("2031-01-01T00:00:00Z"));
+    expect(expired.map(([level]) => level)).toEqual(["warn", "pass"]);
+    expect(expired[0]?.[1]).toContain("certificate 1 in outbound.tlsCaFile (CN=partner CA) is valid only");
+    expect(tlsChecks({ outbound })[0]).toEqual([
+      "warn",
+      "outbound.tlsCaFile is set but requireTLS lists no domain, so it is not used (other domains' TLS is not verified)",
+    ]);
+    await rm(caFile);
+    expect(tlsChecks({ requireTLS: ["partner.test"], outbound })).toEqual([
+      ["fail", `outbound.tlsCaFile: ${caFile} does not exist; the edge will not start`],
+    ]);
   });
 });

@@ -1,6 +1,7 @@
 import { randomBytes } from "node:crypto";
 import { readdirSync } from "node:fs";
 import { mkdtemp, readdir, readFile, rm, stat } from "node:fs/promises";
+import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import {
@@ -10,8 +11,10 @@ import {
   Mux,
   type MuxStream,
 } from "@mxtunnel/shared";
+import { generate } from "selfsigned";
+import { SMTPServer } from "smtp-server";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import type { RecipientResult } from "../src/delivery.js";
+import { Deliverer, type RecipientResult } from "../src/delivery.js";
 import type { HomeMailbox } from "../src/home-mailbox.js";
 import {
   DEDUP_WINDOW_MS,
@@ -37,6 +40,7 @@ const settings: EdgeOutbound = {
   maxMessageSize: 64 * 1024,
   connectTimeout: 1000,
   commandTimeout: 1000,
+  tlsCaFile: null,
 };
 
 function message(from = "alice@home.test", extra = ""): Buffer {
@@ -317,6 +321,59 @@ describe("outbound queue", () => {
       /Original-Recipient: rfc822;gone@one\.test\r\nFinal-Recipient: rfc822; gone@one\.test/,
     );
     expect(dsn).not.toMatch(/gone2@two\.test/); // NOTIFY=NEVER
+  });
+
+  it("keeps mail for a requireTLS domain queued with the certificate problem, then bounces it at maxAge", async () => {
+    // A real Deliverer against a loopback MX whose certificate is self-signed.
+    const pems = await generate([{ name: "commonName", value: "127.0.0.1" }], { keyType: "ec" });
+    const mx = new SMTPServer({
+      authOptional: true,
+      disabledCommands: ["AUTH"],
+      logger: false,
+      key: pems.private,
+      cert: pems.cert,
+      onData(stream, _session, callback) {
+        stream.resume();
+        stream.on("end", () => callback(new Error("nothing may arrive here")));
+      },
+    });
+    await new Promise<void>((resolve) => mx.listen(0, "127.0.0.1", resolve));
+    try {
+      const port = (mx.server.address() as AddressInfo).port;
+      const deliverer = new Deliverer({
+        hostname: "mx.edge.test",
+        transports: { "remote.test": { host: "127.0.0.1", port } },
+        dnsServers: [],
+        requireTLS: ["remote.test"],
+        logger,
+        connectTimeoutMs: 5000,
+        commandTimeoutMs: 5000,
+      });
+      let now = 1_000_000;
+      const h = await harness(undefined, {
+        now: () => now,
+        settings: { ...settings, maxAge: 60_000 },
+        deliver: (request) => deliverer.deliver(request),
+      });
+      const body = message();
+      await h.relay(meta(body), body);
+      await until(() => {
+        const row = h.queue.entriesList()[0];
+        return row?.tries === 1 && row.state !== "active";
+      }, "the first attempt saved");
+      const row = h.queue.entriesList()[0]!;
+      expect(row.state).toBe("deferred");
+      expect(row.lastError).toMatch(
+        /^TLS required for remote\.test: certificate of 127\.0\.0\.1 not trusted \(self[- ]signed certificate\)$/,
+      );
+      now += 61_000;
+      h.queue.flush();
+      await until(() => h.dsns.length === 1, "the DSN");
+      expect(h.dsns[0]!.message.toString()).toMatch(/Action: failed/);
+      await until(() => h.queue.size === 0, "queue to empty");
+    } finally {
+      await new Promise<void>((resolve) => mx.close(() => resolve()));
+    }
   });
 
   it("sends no DSN for a failed bounce (MAIL FROM:<>)", async () => {

@@ -6,6 +6,7 @@ import { readFile } from "node:fs/promises";
 import { isIP, isIPv4, isIPv6 } from "node:net";
 import { z } from "zod";
 import { parseJsonText } from "./atomic-file.js";
+import { readCaFile } from "./ca-file.js";
 import { ConfigError, StateError } from "./errors.js";
 import { LOG_LEVELS, type LogLevel } from "./log.js";
 
@@ -80,6 +81,8 @@ export interface EdgeOutbound {
   connectTimeout: number;
   /** ms: an SMTP reply slower than this fails the attempt (temporary). */
   commandTimeout: number;
+  /** PEM file of CA certificates trusted for `requireTLS` domains besides Node's; null: Node's only. */
+  tlsCaFile: string | null;
 }
 
 export interface EdgeConfig {
@@ -201,6 +204,7 @@ export interface EdgeConfigFile {
     maxMessageSize?: number;
     connectTimeout?: DurationText;
     commandTimeout?: DurationText;
+    tlsCaFile?: string | null;
   };
   transports?: Record<string, string>;
   dnsServers?: string[];
@@ -266,6 +270,7 @@ export const EDGE_DEFAULTS = {
     maxMessageSize: 52_428_800,
     connectTimeout: "30s",
     commandTimeout: "5m",
+    tlsCaFile: null,
   },
   mxPriority: 10,
   checks: {
@@ -438,6 +443,21 @@ function checkDnsServer(value: unknown): string {
     }
   }
   throw new Invalid(`${expected}, got ${show(value)}`);
+}
+
+/** An absolute path to a readable PEM file of CA certificates, or null. */
+function checkCaFile(value: unknown): string | null {
+  if (value === undefined || value === null) return null;
+  if (typeof value !== "string" || !value.startsWith("/"))
+    throw new Invalid(
+      `expected an absolute path to a PEM file of CA certificates, or null, got ${show(value)}`,
+    );
+  try {
+    readCaFile(value);
+  } catch (error) {
+    throw new Invalid((error as Error).message);
+  }
+  return value;
 }
 
 function checkUserName(value: string): string {
@@ -623,6 +643,7 @@ const edgeSchema = z.strictObject({
       maxMessageSize: withDefault(checkInteger(1024, 2 ** 31 - 1), EDGE_DEFAULTS.outbound.maxMessageSize),
       connectTimeout: withDefault(checkDuration, EDGE_DEFAULTS.outbound.connectTimeout),
       commandTimeout: withDefault(checkDuration, EDGE_DEFAULTS.outbound.commandTimeout),
+      tlsCaFile: field(checkCaFile),
     })
     .prefault({}),
   transports: recordOf((key) => checkDnsName(key), required(checkHostPort)),

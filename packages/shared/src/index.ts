@@ -2,6 +2,7 @@ export * from "./admin-socket.js";
 export * from "./agent-lifecycle.js";
 export * from "./atomic-file.js";
 export * from "./backoff.js";
+export * from "./ca-file.js";
 export * from "./cli-support.js";
 export * from "./clock.js";
 export * from "./config.js";

@@ -30,6 +30,9 @@ function problemsOf(fn: () => unknown): string[] {
   throw new Error("expected a ConfigError");
 }
 
+/** A throwaway CA certificate (openssl req -x509, P-256; its key was never kept). */
+const CA_PEM = await fs.readFile(new URL("./fixtures/test-ca.pem", import.meta.url), "utf8");
+
 const minimalEdge = { hostname: "mx.example.net", domains: ["example.org"] };
 
 describe("parseDuration", () => {
@@ -212,6 +215,42 @@ describe("edge config", () => {
     expect(problems).toContain('limits.maxConection: unknown key (did you mean "maxConnections"?)');
     expect(problems).toContain("colour: unknown key");
     expect(problems).toContain("forwards[0].service: is required");
+  });
+
+  it("checks outbound.tlsCaFile when the config is loaded: absolute, readable, PEM certificates", async () => {
+    const dir = await fs.mkdtemp(join(tmpdir(), "mxt-ca-"));
+    try {
+      const caFile = (name: string) => join(dir, name);
+      await fs.writeFile(caFile("ca.pem"), CA_PEM);
+      await fs.writeFile(
+        caFile("key.pem"),
+        "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n",
+      );
+      await fs.writeFile(
+        caFile("broken.pem"),
+        `${CA_PEM}-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n`,
+      );
+      const withCa = (tlsCaFile: unknown) => parseEdgeConfig({ ...minimalEdge, outbound: { tlsCaFile } });
+      expect(withCa(caFile("ca.pem")).outbound.tlsCaFile).toBe(caFile("ca.pem"));
+      expect(parseEdgeConfig(minimalEdge).outbound.tlsCaFile).toBeNull();
+      expect(problemsOf(() => withCa("ca.pem"))).toEqual([
+        'outbound.tlsCaFile: expected an absolute path to a PEM file of CA certificates, or null, got "ca.pem"',
+      ]);
+      expect(problemsOf(() => withCa(caFile("missing.pem")))).toEqual([
+        `outbound.tlsCaFile: ${caFile("missing.pem")} does not exist`,
+      ]);
+      expect(problemsOf(() => withCa(dir))).toEqual([
+        `outbound.tlsCaFile: ${dir} is a directory, expected a PEM file`,
+      ]);
+      expect(problemsOf(() => withCa(caFile("key.pem")))[0]).toMatch(
+        /^outbound\.tlsCaFile: .*key\.pem holds no PEM certificate/,
+      );
+      expect(problemsOf(() => withCa(caFile("broken.pem")))).toEqual([
+        `outbound.tlsCaFile: certificate 2 of 2 in ${caFile("broken.pem")} is not a valid certificate`,
+      ]);
+    } finally {
+      await fs.rm(dir, { recursive: true, force: true });
+    }
   });
 
   it("refuses an unknown key even when everything else is right", () => {
