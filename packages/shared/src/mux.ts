@@ -765,13 +765,39 @@ class Engine {
   }
 
   /** DATA as header and payload parts: a transport with sendParts encrypts the payload in place. */
-  private queueData(stream: number, data: Uint8Array): void {
-    if (!this.message.addData(stream, data)) {
+  private queueData(stream: number, pieces: readonly Uint8Array[], size: number): void {
+    if (!this.message.addData(stream, pieces)) {
       this.sendMessage();
-      if (!this.message.addData(stream, data))
-        throw new Error(`${data.byteLength} DATA bytes fit no message`);
+      if (!this.message.addData(stream, pieces)) throw new Error(`${size} DATA bytes fit no message`);
     }
-    this.bytesSent += FRAME_HEADER_SIZE + data.byteLength;
+    this.bytesSent += FRAME_HEADER_SIZE + size;
+  }
+
+  /**
+   * Up to `limit` bytes from the data at the head of a stream's queue, as pieces of one DATA frame:
+   * a frame is cut across the chunks the application wrote, so a stream fed 64 KiB socket reads
+   * sends full frames rather than a 65514-byte frame and a 22-byte one per read (each its own
+   * Noise message, WebSocket frame and socket write on the far side). Chunks taken whole leave the
+   * queue, their write callbacks collected.
+   */
+  private takeData(state: StreamState, limit: number, callbacks: WriteCallback[]): [Uint8Array[], number] {
+    const pieces: Uint8Array[] = [];
+    let size = 0;
+    for (let item = state.out.peek(); item?.kind === "data"; item = state.out.peek()) {
+      const take = Math.min(item.chunk.byteLength - item.offset, limit - size);
+      if (take > 0) {
+        pieces.push(item.chunk.subarray(item.offset, item.offset + take));
+        item.offset += take;
+        size += take;
+      }
+      if (item.offset < item.chunk.byteLength) break;
+      state.out.shift();
+      if (item.callback) {
+        state.unconfirmedBytes -= item.batchBytes;
+        callbacks.push(item.callback);
+      }
+    }
+    return [pieces, size];
   }
 
   private sendMessage(): void {
@@ -852,15 +878,13 @@ class Engine {
             continue;
           }
           this.acceptImplicitly(state);
-          const size = Math.min(remaining, MAX_DATA_PAYLOAD, state.sendCredit, this.tunnelSendCredit);
-          const data = item.chunk.subarray(item.offset, item.offset + size);
-          this.queueData(state.id, data);
-          item.offset += size;
+          const limit = Math.min(MAX_DATA_PAYLOAD, state.sendCredit, this.tunnelSendCredit);
+          const [pieces, size] = this.takeData(state, limit, callbacks);
+          this.queueData(state.id, pieces, size);
           state.sendCredit -= size;
           this.tunnelSendCredit -= size;
           this.queuedBytes -= size;
-        }
-        if (item.offset >= item.chunk.byteLength) {
+        } else {
           state.out.shift();
           if (item.callback) {
             state.unconfirmedBytes -= item.batchBytes;
