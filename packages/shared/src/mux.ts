@@ -244,6 +244,8 @@ class Engine {
 
   private readonly ready = new Fifo<StreamState>();
   private tunnelBlocked: StreamState[] = [];
+  /** Streams whose short tail after a full frame waits for the next flush (see `holdTail`). */
+  private heldTails: StreamState[] = [];
   private tunnelSendCredit = 0;
   private tunnelGranted = 0;
   private tunnelRecvTotal = 0;
@@ -851,6 +853,11 @@ class Engine {
   private readonly flush = (): void => {
     this.flushImmediate = undefined;
     if (this.closed) return;
+    // Held tails go first this time, with whatever the last turn added behind them.
+    if (this.heldTails.length > 0) {
+      for (const state of this.heldTails) this.ready.push(state);
+      this.heldTails = [];
+    }
     this.queueUrgent();
     if (this.waitingForDrain) {
       this.sendMessage();
@@ -884,6 +891,7 @@ class Engine {
           state.sendCredit -= size;
           this.tunnelSendCredit -= size;
           this.queuedBytes -= size;
+          if (size === MAX_DATA_PAYLOAD && this.holdTail(state, callbacks)) continue;
         } else {
           state.out.shift();
           if (item.callback) {
@@ -912,6 +920,27 @@ class Engine {
     // Callbacks run application code (more writes, 'drain', 'finish'): only after the loop.
     for (const callback of callbacks) callback();
   };
+
+  /**
+   * After a full frame, the rest of a stream's last chunk (22 bytes of a 64 KiB socket read) waits
+   * for the next flush instead of leaving now as a frame of its own: by then the next read is
+   * usually queued behind it and they leave together as one full frame, so a bulk stream costs one
+   * message per frame's worth of bytes. The chunk's write callback runs now, so the writer is not
+   * held back; the next flush sends the tail whether or not more came.
+   */
+  private holdTail(state: StreamState, callbacks: WriteCallback[]): boolean {
+    const item = state.out.peek();
+    if (state.out.length !== 1 || item?.kind !== "data" || item.offset >= item.chunk.byteLength) return false;
+    if (item.callback) {
+      state.unconfirmedBytes -= item.batchBytes;
+      callbacks.push(item.callback);
+      item.callback = undefined;
+    }
+    state.scheduled = true;
+    this.heldTails.push(state);
+    this.scheduleFlush();
+    return true;
+  }
 
   /** A receiver that writes before calling accept() accepts the stream. */
   private acceptImplicitly(state: StreamState): void {
@@ -1018,6 +1047,7 @@ class Engine {
     for (const state of [...this.streams.values()]) state.stream.destroy();
     this.streams.clear();
     this.ready.drain();
+    this.heldTails = [];
     this.urgent = [];
     this.message.take();
     this.tunnelBlocked = [];
