@@ -116,7 +116,9 @@ export class ForwardListener {
 
   private open(socket: net.Socket, tunnel: Tunnel): void {
     const session = `s${(++sessionCounter).toString(36)}`;
-    const log = this.options.logger.child({ session, service: this.options.service });
+    // A child logger per session costs more than the session's own mux work (pino serializes and
+    // redacts the bindings): made only when there is something to log.
+    const log = () => this.options.logger.child({ session, service: this.options.service });
     let stream: MuxStream;
     try {
       stream = tunnel.mux.open("forward", {
@@ -126,7 +128,7 @@ export class ForwardListener {
         local: { address: socket.localAddress, port: socket.localPort },
       });
     } catch (error) {
-      log.warn({ err: error }, "could not open a stream");
+      log().warn({ err: error }, "could not open a stream");
       this.fallBack(socket, "tunnel-lost");
       return;
     }
@@ -139,12 +141,13 @@ export class ForwardListener {
       stream.off("close", onClose);
       if (!accepted) {
         if (!stream.destroyed) stream.reset(ResetCode.TIMEOUT, reason);
-        log.info({ reason }, "live path unavailable");
+        log().info({ reason }, "live path unavailable");
         this.fallBack(socket, reason);
         return;
       }
       this.counters.spliced++;
-      log.debug({ client: socket.remoteAddress }, "spliced");
+      if (this.options.logger.isLevelEnabled("debug"))
+        log().debug({ client: socket.remoteAddress }, "spliced");
       splice(socket, stream);
       socket.resume();
     };

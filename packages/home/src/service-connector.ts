@@ -49,13 +49,15 @@ export class ServiceConnector {
       return;
     }
     // The name comes from the edge (up to 8 KiB of metadata): bounded before it reaches a log line.
-    const log = logger.child({ session: meta.session, service: meta.service.slice(0, 64) });
+    // Made only when there is something to log: a pino child per stream (bindings serialized and
+    // redacted) cost more than the stream's own mux work.
+    const log = () => logger.child({ session: meta.session, service: meta.service.slice(0, 64) });
     // A Map, never an object lookup: "__proto__" or "constructor" must not resolve to anything.
     const service = this.options.services.get(meta.service);
     if (!service) {
       // Refused before any socket exists: home opens no connection for a service it does not list.
       this.counters.refusedService++;
-      log.warn("the edge asked for a service this home does not list; refused");
+      log().warn("the edge asked for a service this home does not list; refused");
       stream.reset(ResetCode.REFUSED, `unknown service ${meta.service.slice(0, 64)}`);
       return;
     }
@@ -63,7 +65,7 @@ export class ServiceConnector {
     try {
       if (!this.options.allowPrivateClientIPs && isPrivateClientAddress(meta.client.address)) {
         this.counters.refusedAddress++;
-        log.warn(
+        log().warn(
           { client: meta.client.address },
           "client address is private or loopback; refused (set allowPrivateClientIPs for tests)",
         );
@@ -75,7 +77,7 @@ export class ServiceConnector {
       else if (service.proxyProtocol === "v1") proxyHeader = encodeProxyV1(addresses);
     } catch {
       this.counters.refusedAddress++;
-      log.warn({ client: meta.client.address }, "client address is malformed; refused");
+      log().warn({ client: meta.client.address }, "client address is malformed; refused");
       stream.reset(ResetCode.ADDRESS_REFUSED, "malformed client address");
       return;
     }
@@ -92,7 +94,7 @@ export class ServiceConnector {
       clearTimeout(timer);
       if (stream.destroyed) return;
       this.counters.connectFailed++;
-      log.warn(
+      log().warn(
         { target: `${service.target.host}:${service.target.port}`, err: error.message },
         "cannot reach the service",
       );
@@ -108,7 +110,7 @@ export class ServiceConnector {
       if (proxyHeader) socket.write(proxyHeader);
       this.counters.accepted++;
       stream.accept();
-      log.debug({ client: meta.client.address }, "forward accepted");
+      if (logger.isLevelEnabled("debug")) log().debug({ client: meta.client.address }, "forward accepted");
       splice(socket, stream);
     });
   }

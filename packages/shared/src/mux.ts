@@ -244,6 +244,8 @@ class Engine {
 
   private readonly ready = new Fifo<StreamState>();
   private tunnelBlocked: StreamState[] = [];
+  /** Streams whose short tail after a full frame waits for the next flush (see `holdTail`). */
+  private heldTails: StreamState[] = [];
   private tunnelSendCredit = 0;
   private tunnelGranted = 0;
   private tunnelRecvTotal = 0;
@@ -765,13 +767,39 @@ class Engine {
   }
 
   /** DATA as header and payload parts: a transport with sendParts encrypts the payload in place. */
-  private queueData(stream: number, data: Uint8Array): void {
-    if (!this.message.addData(stream, data)) {
+  private queueData(stream: number, pieces: readonly Uint8Array[], size: number): void {
+    if (!this.message.addData(stream, pieces)) {
       this.sendMessage();
-      if (!this.message.addData(stream, data))
-        throw new Error(`${data.byteLength} DATA bytes fit no message`);
+      if (!this.message.addData(stream, pieces)) throw new Error(`${size} DATA bytes fit no message`);
     }
-    this.bytesSent += FRAME_HEADER_SIZE + data.byteLength;
+    this.bytesSent += FRAME_HEADER_SIZE + size;
+  }
+
+  /**
+   * Up to `limit` bytes from the data at the head of a stream's queue, as pieces of one DATA frame:
+   * a frame is cut across the chunks the application wrote, so a stream fed 64 KiB socket reads
+   * sends full frames rather than a 65514-byte frame and a 22-byte one per read (each its own
+   * Noise message, WebSocket frame and socket write on the far side). Chunks taken whole leave the
+   * queue, their write callbacks collected.
+   */
+  private takeData(state: StreamState, limit: number, callbacks: WriteCallback[]): [Uint8Array[], number] {
+    const pieces: Uint8Array[] = [];
+    let size = 0;
+    for (let item = state.out.peek(); item?.kind === "data"; item = state.out.peek()) {
+      const take = Math.min(item.chunk.byteLength - item.offset, limit - size);
+      if (take > 0) {
+        pieces.push(item.chunk.subarray(item.offset, item.offset + take));
+        item.offset += take;
+        size += take;
+      }
+      if (item.offset < item.chunk.byteLength) break;
+      state.out.shift();
+      if (item.callback) {
+        state.unconfirmedBytes -= item.batchBytes;
+        callbacks.push(item.callback);
+      }
+    }
+    return [pieces, size];
   }
 
   private sendMessage(): void {
@@ -825,6 +853,11 @@ class Engine {
   private readonly flush = (): void => {
     this.flushImmediate = undefined;
     if (this.closed) return;
+    // Held tails go first this time, with whatever the last turn added behind them.
+    if (this.heldTails.length > 0) {
+      for (const state of this.heldTails) this.ready.push(state);
+      this.heldTails = [];
+    }
     this.queueUrgent();
     if (this.waitingForDrain) {
       this.sendMessage();
@@ -852,15 +885,14 @@ class Engine {
             continue;
           }
           this.acceptImplicitly(state);
-          const size = Math.min(remaining, MAX_DATA_PAYLOAD, state.sendCredit, this.tunnelSendCredit);
-          const data = item.chunk.subarray(item.offset, item.offset + size);
-          this.queueData(state.id, data);
-          item.offset += size;
+          const limit = Math.min(MAX_DATA_PAYLOAD, state.sendCredit, this.tunnelSendCredit);
+          const [pieces, size] = this.takeData(state, limit, callbacks);
+          this.queueData(state.id, pieces, size);
           state.sendCredit -= size;
           this.tunnelSendCredit -= size;
           this.queuedBytes -= size;
-        }
-        if (item.offset >= item.chunk.byteLength) {
+          if (size === MAX_DATA_PAYLOAD && this.holdTail(state, callbacks)) continue;
+        } else {
           state.out.shift();
           if (item.callback) {
             state.unconfirmedBytes -= item.batchBytes;
@@ -888,6 +920,27 @@ class Engine {
     // Callbacks run application code (more writes, 'drain', 'finish'): only after the loop.
     for (const callback of callbacks) callback();
   };
+
+  /**
+   * After a full frame, the rest of a stream's last chunk (22 bytes of a 64 KiB socket read) waits
+   * for the next flush instead of leaving now as a frame of its own: by then the next read is
+   * usually queued behind it and they leave together as one full frame, so a bulk stream costs one
+   * message per frame's worth of bytes. The chunk's write callback runs now, so the writer is not
+   * held back; the next flush sends the tail whether or not more came.
+   */
+  private holdTail(state: StreamState, callbacks: WriteCallback[]): boolean {
+    const item = state.out.peek();
+    if (state.out.length !== 1 || item?.kind !== "data" || item.offset >= item.chunk.byteLength) return false;
+    if (item.callback) {
+      state.unconfirmedBytes -= item.batchBytes;
+      callbacks.push(item.callback);
+      item.callback = undefined;
+    }
+    state.scheduled = true;
+    this.heldTails.push(state);
+    this.scheduleFlush();
+    return true;
+  }
 
   /** A receiver that writes before calling accept() accepts the stream. */
   private acceptImplicitly(state: StreamState): void {
@@ -994,6 +1047,7 @@ class Engine {
     for (const state of [...this.streams.values()]) state.stream.destroy();
     this.streams.clear();
     this.ready.drain();
+    this.heldTails = [];
     this.urgent = [];
     this.message.take();
     this.tunnelBlocked = [];

@@ -271,6 +271,22 @@ export class CipherState {
     return out;
   }
 
+  /**
+   * Like encryptParts, but returns the message as pieces (the ciphertext of each part, then the tag)
+   * for a transport that writes pieces without joining them (WebSocketTransport.sendParts): this
+   * saves the copy of every ciphertext into one buffer.
+   */
+  encryptToParts(parts: readonly Uint8Array[]): Buffer[] {
+    const key = this.#prepare();
+    const cipher = createCipheriv("chacha20-poly1305", key, this.#iv, { authTagLength: TAG_LENGTH });
+    const out: Buffer[] = [];
+    for (const part of parts) if (part.byteLength > 0) out.push(cipher.update(part));
+    cipher.final();
+    out.push(cipher.getAuthTag());
+    this.#nonce++;
+    return out;
+  }
+
   /** Throws CryptoError("DECRYPT_FAILED") and leaves the nonce unchanged if the message does not authenticate. */
   decrypt(ciphertext: Uint8Array, ad: Uint8Array = EMPTY): Uint8Array {
     const key = this.#prepare();

@@ -87,7 +87,9 @@ export class SecureChannel extends EventEmitter<TransportEvents> implements Mess
       );
     }
     if (this.closed) return;
-    this.#inner.send(this.#send.encryptParts(parts));
+    const inner = this.#inner;
+    if (inner.sendParts) inner.sendParts(this.#send.encryptToParts(parts));
+    else inner.send(this.#send.encryptParts(parts));
     this.#sent++;
     if (this.#send.nonce >= this.#rekeyAfter) this.#shutDown(CLOSE_GOING_AWAY, "rekey");
   }

@@ -57,28 +57,67 @@ export class WebSocketTransport extends EventEmitter<TransportEvents> implements
 
   send(message: Uint8Array): void {
     if (this.isClosed || this.ws.readyState !== 1) return;
-    const size = message.byteLength;
+    this.corkForTick();
+    this.ws.send(message, { binary: true }, this.written(message.byteLength));
+  }
+
+  /**
+   * Sends the concatenation of `parts` as one binary message. Frames a server sends are not masked,
+   * so the edge writes the frame header and the parts to the socket as they are (one writev with the
+   * rest of the tick) instead of joining them for ws.send: a 64 KiB copy and allocation less per
+   * full-size message. ws's Sender writes every frame synchronously when it queues nothing (no
+   * compression, no Blob data), so frames written here and by ws never interleave. A client must
+   * mask (ws copies while masking anyway): joined and sent through ws.
+   */
+  sendParts(parts: readonly Uint8Array[]): void {
+    if (this.isClosed || this.ws.readyState !== 1) return;
+    const socket = this.socket;
+    const internals = this.ws as unknown as { _isServer?: boolean; _sender?: { _state?: number } };
+    // Sender state 0 is DEFAULT: nothing queued, every frame written at once.
+    if (
+      !socket ||
+      internals._isServer !== true ||
+      this.ws.extensions !== "" ||
+      internals._sender?._state !== 0
+    ) {
+      this.send(parts.length === 1 ? parts[0]! : Buffer.concat(parts));
+      return;
+    }
+    let size = 0;
+    for (const part of parts) size += part.byteLength;
+    this.corkForTick();
+    const done = this.written(size);
+    socket.write(binaryFrameHeader(size));
+    const last = parts.length - 1;
+    if (last < 0) {
+      done();
+      return;
+    }
+    for (let i = 0; i < last; i++) socket.write(parts[i]!);
+    socket.write(parts[last]!, done);
+  }
+
+  /** The first send of a tick corks the socket; the uncork at the next tick writes it all at once. */
+  private corkForTick(): void {
+    if (this.corked) return;
+    const socket = this.socket;
+    if (!socket) return;
+    this.corked = true;
+    socket.cork();
+    process.nextTick(this.uncork, socket);
+  }
+
+  /** Counts `size` bytes as buffered; the returned callback releases them once they are written. */
+  private written(size: number): () => void {
     this.outstanding += size;
     if (this.outstanding > DRAIN_LOW_WATER) this.aboveLowWater = true;
-    if (!this.corked) {
-      const socket = this.socket;
-      if (socket) {
-        this.corked = true;
-        socket.cork();
-        process.nextTick(this.uncork, socket);
-      }
-    }
-    this.ws.send(message, { binary: true }, () => {
+    return () => {
       this.outstanding -= size;
       if (this.aboveLowWater && this.outstanding <= DRAIN_LOW_WATER) {
         this.aboveLowWater = false;
         this.emit("drain");
       }
-    });
-  }
-
-  sendParts(parts: readonly Uint8Array[]): void {
-    this.send(Buffer.concat(parts));
+    };
   }
 
   private readonly uncork = (socket: Socket): void => {
@@ -113,4 +152,15 @@ export class WebSocketTransport extends EventEmitter<TransportEvents> implements
     this.closeEmitted = true;
     this.emit("close", code, reason);
   }
+}
+
+/** RFC 6455 §5.2 header of one unmasked, final binary frame of `length` payload bytes. */
+function binaryFrameHeader(length: number): Buffer {
+  if (length < 126) return Buffer.from([0x82, length]);
+  if (length <= 0xffff) return Buffer.from([0x82, 126, length >>> 8, length & 0xff]);
+  const header = Buffer.alloc(10);
+  header[0] = 0x82;
+  header[1] = 127;
+  header.writeUIntBE(length, 4, 6);
+  return header;
 }

@@ -501,6 +501,58 @@ describe("fairness", () => {
   });
 });
 
+describe("DATA frames across written chunks", () => {
+  it("cuts full-size frames across 64 KiB chunks queued together, bytes and order intact", async () => {
+    const { home, edge, homeTransport } = pair();
+    const frames = tapSends(homeTransport);
+    const received = nextStream(edge).then((stream) => collect(stream));
+    const stream = home.open("spool", {});
+    const data = randomBytes(16 * 64 * KiB);
+    // Sixteen socket-sized reads arriving in one turn, as a busy edge reads a fast client.
+    stream.cork();
+    for (let offset = 0; offset < data.byteLength; offset += 64 * KiB) {
+      stream.write(data.subarray(offset, offset + 64 * KiB));
+    }
+    stream.uncork();
+    stream.end();
+    expect((await received).equals(data)).toBe(true);
+    const sizes = frames.flatMap((f) => (f.type === "data" ? [f.data.byteLength] : []));
+    // Every frame but the last is full: 17 frames, where one frame per chunk would need 32.
+    expect(sizes.length).toBe(Math.ceil(data.byteLength / MAX_DATA_PAYLOAD));
+    expect(sizes.slice(0, -1).every((size) => size === MAX_DATA_PAYLOAD)).toBe(true);
+  });
+
+  it("joins the tail of a chunk to the next one written a turn later, as a socket read at a time", async () => {
+    const { home, edge, homeTransport } = pair();
+    const frames = tapSends(homeTransport);
+    const received = nextStream(edge).then((stream) => collect(stream));
+    const stream = home.open("spool", {});
+    const data = randomBytes(8 * 64 * KiB);
+    for (let offset = 0; offset < data.byteLength; offset += 64 * KiB) {
+      stream.write(data.subarray(offset, offset + 64 * KiB));
+      await new Promise((resolve) => setImmediate(resolve));
+    }
+    stream.end();
+    expect((await received).equals(data)).toBe(true);
+    const sizes = frames.flatMap((f) => (f.type === "data" ? [f.data.byteLength] : []));
+    // 8 full frames and the 176 bytes left over, where a frame per chunk and its tail would be 16.
+    expect(sizes).toEqual([
+      ...Array<number>(8).fill(MAX_DATA_PAYLOAD),
+      data.byteLength - 8 * MAX_DATA_PAYLOAD,
+    ]);
+  });
+
+  it("still sends a lone chunk at once, without waiting for more to fill a frame", async () => {
+    const { home, edge } = pair();
+    const accepted = nextStream(edge);
+    const stream = home.open("spool", {});
+    stream.write(Buffer.from("hello"));
+    const peer = await accepted;
+    const [chunk] = (await once(peer, "data")) as [Buffer];
+    expect(chunk.toString()).toBe("hello");
+  });
+});
+
 describe("protocol violations close the tunnel", () => {
   async function expectTunnelFailure(
     peer: ReturnType<typeof rawPeer>,

@@ -229,6 +229,15 @@ describe("CipherState", () => {
     );
   });
 
+  it("encryptToParts gives the bytes of encrypt, in pieces that end with the tag", () => {
+    const key = randomBytes(32);
+    const parts = [Buffer.from("header"), new Uint8Array(0), randomBytes(70_000)];
+    const joined = new CipherState(key).encrypt(Buffer.concat(parts));
+    const pieces = new CipherState(key).encryptToParts(parts);
+    expect(pieces.map((piece) => piece.byteLength)).toEqual([6, 70_000, 16]);
+    expect(hex(Buffer.concat(pieces))).toBe(hex(joined));
+  });
+
   it("fails a tampered message, wrong associated data or a short one, and keeps its nonce", () => {
     const key = randomBytes(32);
     const sender = new CipherState(key);

@@ -54,6 +54,46 @@ describe("WebSocketTransport", () => {
     expect(edge.bufferedAmount).toBe(0);
   });
 
+  it("sendParts frames the parts as one message either way, in order with send, at every length size", async () => {
+    const [edge, home] = await connectedPair();
+    // 5 bytes (7-bit length), 300 (16-bit), 65535 (the largest Noise message) and an empty message.
+    const messages = [
+      [Buffer.from("head:"), Buffer.alloc(0)],
+      [Buffer.alloc(100, 1), Buffer.alloc(200, 2)],
+      [Buffer.alloc(5, 3), Buffer.alloc(65_514, 4), Buffer.alloc(16, 5)],
+      [],
+    ];
+    for (const [receiver, sender] of [
+      [home, edge],
+      [edge, home],
+    ] as const) {
+      const received: Buffer[] = [];
+      const all = new Promise<void>((resolve) => {
+        const onMessage = (message: Uint8Array) => {
+          received.push(Buffer.from(message));
+          if (received.length === 2 * messages.length) {
+            receiver.off("message", onMessage);
+            resolve();
+          }
+        };
+        receiver.on("message", onMessage);
+      });
+      for (const parts of messages) {
+        sender.sendParts(parts);
+        sender.send(Buffer.from("between"));
+      }
+      expect(sender.bufferedAmount).toBe(5 + 300 + 65_535 + 4 * 7);
+      await all;
+      expect(received.map((message) => message.toString("hex"))).toEqual(
+        messages.flatMap((parts) => [
+          Buffer.concat(parts).toString("hex"),
+          Buffer.from("between").toString("hex"),
+        ]),
+      );
+      expect(sender.bufferedAmount).toBe(0);
+    }
+  });
+
   it("sendParts delivers the parts joined as one message", async () => {
     const [edge, home] = await connectedPair();
     const message = once(home, "message") as Promise<[Uint8Array]>;
