@@ -1,5 +1,6 @@
 // Starts a real edge and a real home agent as separate processes from their CLIs (so the OS accounts
 // CPU and memory per agent), paired with each other through the real pairing path, on loopback.
+import { readFileSync } from "node:fs";
 import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -9,6 +10,17 @@ import { freePort, memoryMiB, mustRun, spawnTool, waitFor } from "./proc.js";
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
 export const EDGE_CLI = join(ROOT, "packages/edge/dist/cli.js");
 export const HOME_CLI = join(ROOT, "packages/home/dist/cli.js");
+
+/** The node flags an agent's installed bin runs with (its shebang line), so the bench measures the
+ * agents as users run them. */
+function binNodeFlags(bin) {
+  const shebang = readFileSync(join(ROOT, bin), "utf8").split("\n")[0];
+  const match = /^#!\/usr\/bin\/env (?:-S )?node(.*)$/.exec(shebang);
+  if (!match) throw new Error(`${bin}: unexpected shebang ${shebang}`);
+  return match[1].trim().split(/\s+/).filter(Boolean);
+}
+export const EDGE_NODE_FLAGS = binNodeFlags("packages/edge/bin/mxtunnel-edge.js");
+export const HOME_NODE_FLAGS = binNodeFlags("packages/home/bin/mxtunnel-home.js");
 
 function deepSet(target, path, value) {
   const keys = path.split(".");
@@ -65,7 +77,7 @@ export async function startAgents({ inject, edge = {}, home = {}, nodeArgs = {},
 
   const edgeProc = spawnTool(
     process.execPath,
-    [...(nodeArgs.edge ?? []), EDGE_CLI, "run", "--dir", edgeDir],
+    [...EDGE_NODE_FLAGS, ...(nodeArgs.edge ?? []), EDGE_CLI, "run", "--dir", edgeDir],
     {
       label: "edge",
     },
@@ -83,7 +95,7 @@ export async function startAgents({ inject, edge = {}, home = {}, nodeArgs = {},
   });
   const homeProc = spawnTool(
     process.execPath,
-    [...(nodeArgs.home ?? []), HOME_CLI, "run", "--dir", homeDir],
+    [...HOME_NODE_FLAGS, ...(nodeArgs.home ?? []), HOME_CLI, "run", "--dir", homeDir],
     {
       label: "home",
     },

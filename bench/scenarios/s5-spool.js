@@ -7,7 +7,7 @@ import { randomBytes } from "node:crypto";
 import { mkdtemp, open, rename, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { EDGE_CLI, HOME_CLI, homeConnected, startAgents } from "../lib/agents.js";
+import { EDGE_CLI, HOME_CLI, HOME_NODE_FLAGS, homeConnected, startAgents } from "../lib/agents.js";
 import { cpuDelta, cpuSnapshot, mustRun, spawnTool, waitFor } from "../lib/proc.js";
 import { fmt, median } from "../lib/stats.js";
 import { smtpSource, startSink } from "../lib/tools.js";
@@ -96,7 +96,9 @@ export async function run({ quick, runs, log }) {
     }
     // Home returns: how fast does the spool drain into a sink?
     const waiting = await spoolSize(agents.edgeDir);
-    const home = spawnTool(process.execPath, [HOME_CLI, "run", "--dir", agents.homeDir], { label: "home" });
+    const home = spawnTool(process.execPath, [...HOME_NODE_FLAGS, HOME_CLI, "run", "--dir", agents.homeDir], {
+      label: "home",
+    });
     const t0 = performance.now();
     await waitFor("the spool to drain", async () => (await spoolSize(agents.edgeDir)) === 0, 600_000, 200);
     const drainMs = performance.now() - t0;
