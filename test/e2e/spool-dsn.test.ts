@@ -1,5 +1,7 @@
 // Issue 4: spooled mail that home's Postfix refuses for good gets a DSN only when the sender was
-// authenticated at spool time (here: SPF pass); a forged sender's message is quarantined.
+// authenticated at spool time (here: SPF pass); a forged sender's message is quarantined. The same per
+// recipient when Postfix takes the message for some recipients: those get one copy, the deferred ones
+// are retried alone.
 import { readdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -168,6 +170,81 @@ describe.skipIf(!ready)(
       expect(edge.agent.spool.store.size).toBe(0);
       expect(await mine()).toHaveLength(2);
       expect(remote.messages.filter((m) => m.to.includes("liar@forged.test"))).toHaveLength(0);
+    });
+
+    it("retries only the recipient Postfix deferred, also across an edge restart", async () => {
+      // bob@ is deferred by a recipient access map until the map entry goes; ghost@ is unknown (550).
+      const access = join(postfix.dir, "rcpt-access");
+      await writeFile(access, `bob@${postfix.domain} 450 4.2.0 mailbox busy\n`, { mode: 0o644 });
+      await postfix.postconf([
+        "-e",
+        `smtpd_recipient_restrictions=check_recipient_access texthash:${access}`,
+      ]);
+      const recipients = join(await tempDir("rcpt"), "list");
+      await writeFile(recipients, ["alice", "bob", "ghost"].map((u) => `${u}@${postfix.domain}\n`).join(""));
+      const edge = await makeEdge({
+        overrides: {
+          dnsServers: [dns.address],
+          transports: { "sender.test": `127.0.0.1:${remote.port}` },
+          "spool.retryMin": 100,
+          "spool.retryMax": 300,
+        },
+      });
+      const overrides = {
+        "postfix.inject": `127.0.0.1:${postfix.injectPort}`,
+        "recipients.file": recipients,
+      };
+      const home = await makeHome(await edge.token(), overrides, "deferred-home");
+      await waitFor(() => edge.agent.status().homes[0]?.recipients ?? false, { what: "recipient sync" });
+      await home.stop();
+      await waitFor(() => !edge.agent.status().homes[0]!.connected, { what: "home gone" });
+
+      const dsnsBefore = remote.messages.filter((m) => m.to.includes("someone@sender.test")).length;
+      const tag = `deferred ${Date.now().toString(36)}`;
+      const to = ["alice", "bob", "ghost"].map((u) => `${u}@${postfix.domain}`).join(",");
+      const sent = await swaksTo(edge.smtpPort, to, [
+        "--local-interface",
+        "127.0.0.2",
+        "--ehlo",
+        "client.example",
+        "--from",
+        "someone@sender.test",
+        "--header",
+        `Subject: ${tag}`,
+      ]);
+      expect(sent.code, sent.output).toBe(0);
+      const id = (await waitFor(() => edge.agent.spool.store.list().find((e) => e.auth), { what: "spooled" }))
+        .id;
+
+      await startTestHome(home.dir, overrides);
+      const entry = await waitFor(
+        () => {
+          const e = edge.agent.spool.store.get(id);
+          return e?.remaining && e.tries >= 2 ? e : undefined;
+        },
+        { what: "bob@ retried", timeoutMs: 30_000 },
+      );
+      expect(entry.remaining).toEqual([`bob@${postfix.domain}`]);
+      const dsn = await waitFor(
+        () => remote.messages.filter((m) => m.to.includes("someone@sender.test"))[dsnsBefore],
+        { what: "the DSN for ghost@", timeoutMs: 30_000 },
+      );
+      expect(dsn.data.toString("utf8")).toMatch(/Final-Recipient: rfc822; ?ghost@home\.test/i);
+      expect(dsn.data.toString("utf8")).not.toMatch(/Final-Recipient: rfc822; ?(alice|bob)@/i);
+
+      await edge.restart();
+      expect(edge.agent.spool.store.get(id)?.remaining).toEqual([`bob@${postfix.domain}`]);
+      await writeFile(access, "", { mode: 0o644 });
+      await postfix.reload();
+      await waitFor(() => edge.agent.spool.store.size === 0, { what: "spool empty", timeoutMs: 30_000 });
+      const copies = async (user: string) =>
+        (await postfix.messages(user)).filter((m) => m.includes(`Subject: ${tag}`)).length;
+      expect(await copies("alice")).toBe(1);
+      expect(await copies("bob")).toBe(1);
+      expect(remote.messages.filter((m) => m.to.includes("someone@sender.test"))).toHaveLength(
+        dsnsBefore + 1,
+      );
+      await postfix.postconf(["-e", "smtpd_recipient_restrictions="]);
     });
   },
 );

@@ -137,7 +137,7 @@ export class SpoolDrain {
         headerLength,
         cipherLength: meta.cipherLength,
         cipherSha256: meta.cipherSha256,
-        ...(entry.remaining ? { recipients: recipientIndexes(entry, entry.remaining) } : {}),
+        ...recipientsMeta(entry),
       });
       const body = openSpoolCipherStream(entry.path, {
         cipherOffset: SPOOL_HEADER_OFFSET,
@@ -297,6 +297,8 @@ function splitRefusals(result: SpoolResult): RecipientSplit | undefined {
       if (r.code && r.code >= 500) permanent.push({ address: r.recipient, diagnostic: `${r.message}` });
       else temporary.push(r.recipient);
     }
+    // Nothing taken and nothing refused for good: a plain deferral of what was asked for.
+    if (result.status === "deferred" && permanent.length === 0) return undefined;
     return { permanent, temporary };
   }
   if (result.status === "delivered" && !result.duplicate && result.rejected?.length) {
@@ -306,12 +308,18 @@ function splitRefusals(result: SpoolResult): RecipientSplit | undefined {
   return undefined;
 }
 
-/** Where the addresses sit in the envelope (what the stream meta names, to stay small). */
-function recipientIndexes(entry: SpoolEntry, addresses: string[]): number[] {
-  const wanted = new Set(addresses);
+/**
+ * The recipients still to deliver as indexes into the envelope (what the stream meta names, to stay
+ * small); none when all are. Should one not be found, all are asked for: home skips whom it delivered
+ * to, so that costs at most a repeated DSN, never a lost recipient.
+ */
+function recipientsMeta(entry: SpoolEntry): { recipients?: number[] } {
+  if (!entry.remaining) return {};
+  const wanted = new Set(entry.remaining);
   const indexes: number[] = [];
   entry.header.envelope.rcptTo.forEach((r, index) => {
     if (wanted.has(r.address)) indexes.push(index);
   });
-  return indexes;
+  const found = new Set(indexes.map((index) => entry.header.envelope.rcptTo[index]!.address));
+  return found.size === wanted.size ? { recipients: indexes } : {};
 }

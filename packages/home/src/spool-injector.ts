@@ -6,6 +6,7 @@
 // RESULT nor a retry for the recipients Postfix deferred ever delivers to anyone twice.
 import net from "node:net";
 import { Readable } from "node:stream";
+import { domainToASCII } from "node:url";
 import {
   encodeProxyV1,
   encodeProxyV2,
@@ -195,17 +196,25 @@ export class SpoolInjector {
           const info = await this.send(header, group, message);
           const corrupt = corruption();
           if (corrupt) throw corrupt;
-          accepted.push(...info.accepted.map(String));
-          for (const e of info.rejectedErrors ?? []) refused.push(refusalOf(String(e.recipient), e));
+          const verdicts = verdictsByRecipient(group, info.accepted.map(String), info.rejectedErrors ?? []);
+          for (const [r, error] of verdicts) {
+            if (error) refused.push(refusalOf(r.address, error));
+            else accepted.push(r.address);
+          }
+          for (const r of group) {
+            if (verdicts.has(r)) continue;
+            // Not taken as far as home can tell: retried, so never lost (at worst delivered twice).
+            slog.error({ recipient: r.address }, "no verdict from Postfix matched this recipient");
+            refused.push({ recipient: r.address, message: "no verdict from the home mail server matched" });
+          }
           response = info.response;
         } catch (error) {
           if (corruption()) throw error;
           const e = error as SmtpError;
           // Every RCPT refused: nodemailer lists each reply. Otherwise (MAIL FROM, DATA, the
           // connection) one reply stands for the whole transaction.
-          if (e.rejectedErrors?.length)
-            for (const r of e.rejectedErrors) refused.push(refusalOf(String(r.recipient), r));
-          else for (const r of group) refused.push(refusalOf(r.address, e));
+          const verdicts = verdictsByRecipient(group, [], e.rejectedErrors ?? []);
+          for (const r of group) refused.push(refusalOf(r.address, verdicts.get(r) ?? e));
         }
       }
     } catch (error) {
@@ -316,6 +325,32 @@ function refusalOf(recipient: string, error: SmtpError): RecipientRefusal {
     ...(error.responseCode ? { code: error.responseCode } : {}),
     message: error.response ?? error.message,
   };
+}
+
+/**
+ * Postfix's verdict for each spool recipient of a transaction (an error, or null for taken).
+ * nodemailer reports addresses as it sent them, rewritten (domains punycoded, duplicates merged),
+ * so a reported address stands for every recipient of the group it canonically equals.
+ */
+function verdictsByRecipient(
+  group: Recipient[],
+  accepted: string[],
+  rejected: SmtpError[],
+): Map<Recipient, SmtpError | null> {
+  const verdicts = new Map<Recipient, SmtpError | null>();
+  const mark = (address: string, verdict: SmtpError | null) => {
+    const reported = canonicalAddress(address);
+    for (const r of group) if (canonicalAddress(r.address) === reported) verdicts.set(r, verdict);
+  };
+  for (const address of accepted) mark(address, null);
+  for (const error of rejected) if (error.recipient) mark(String(error.recipient), error);
+  return verdicts;
+}
+
+function canonicalAddress(address: string): string {
+  const at = address.lastIndexOf("@");
+  if (at < 0) return address.toLowerCase();
+  return `${address.slice(0, at).toLowerCase()}@${domainToASCII(address.slice(at + 1)) || address.slice(at + 1).toLowerCase()}`;
 }
 
 /**
