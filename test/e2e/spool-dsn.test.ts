@@ -239,6 +239,10 @@ describe.skipIf(!ready)(
       await waitFor(() => edge.agent.spool.store.size === 0, { what: "spool empty", timeoutMs: 30_000 });
       const copies = async (user: string) =>
         (await postfix.messages(user)).filter((m) => m.includes(`Subject: ${tag}`)).length;
+      // Postfix's 250 means queued: local delivery to the Maildir follows.
+      await waitFor(async () => (await copies("bob")) >= 1 && (await copies("alice")) >= 1, {
+        what: "alice's and bob's copies",
+      });
       expect(await copies("alice")).toBe(1);
       expect(await copies("bob")).toBe(1);
       expect(remote.messages.filter((m) => m.to.includes("someone@sender.test"))).toHaveLength(

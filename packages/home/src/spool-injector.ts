@@ -197,15 +197,22 @@ export class SpoolInjector {
           const corrupt = corruption();
           if (corrupt) throw corrupt;
           const verdicts = verdictsByRecipient(group, info.accepted.map(String), info.rejectedErrors ?? []);
-          for (const [r, error] of verdicts) {
-            if (error) refused.push(refusalOf(r.address, error));
-            else accepted.push(r.address);
-          }
+          const taken = group.filter((r) => verdicts.get(r) === null);
+          // Logged before the next transaction: a crash after Postfix's 250 must not deliver again.
+          const whole = taken.length === envelope.rcptTo.length;
+          if (taken.length)
+            await this.options.log.record(
+              ...(whole ? [header.id] : taken.map((r) => recipientKey(header.id, r.address))),
+            );
           for (const r of group) {
-            if (verdicts.has(r)) continue;
-            // Not taken as far as home can tell: retried, so never lost (at worst delivered twice).
-            slog.error({ recipient: r.address }, "no verdict from Postfix matched this recipient");
-            refused.push({ recipient: r.address, message: "no verdict from the home mail server matched" });
+            const error = verdicts.get(r);
+            if (error === null) accepted.push(r.address);
+            else if (error) refused.push(refusalOf(r.address, error));
+            else {
+              // Not taken as far as home can tell: retried, so never lost (at worst delivered twice).
+              slog.error({ recipient: r.address }, "no verdict from Postfix matched this recipient");
+              refused.push({ recipient: r.address, message: "no verdict from the home mail server matched" });
+            }
           }
           response = info.response;
         } catch (error) {
@@ -224,10 +231,6 @@ export class SpoolInjector {
       return { status: "corrupt", message: corrupt.message };
     }
     if (accepted.length > 0) {
-      const whole = refused.length === 0 && pending.length === envelope.rcptTo.length;
-      await this.options.log.record(
-        ...(whole ? [header.id] : accepted.map((address) => recipientKey(header.id, address))),
-      );
       slog.info(
         { accepted: accepted.length, refused: refused.length, client: client.address },
         "spooled message delivered to Postfix",
