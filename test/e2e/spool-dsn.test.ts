@@ -1,6 +1,8 @@
 // Issue 4: spooled mail that home's Postfix refuses for good gets a DSN only when the sender was
-// authenticated at spool time (here: SPF pass); a forged sender's message is quarantined.
-import { readdir, writeFile } from "node:fs/promises";
+// authenticated at spool time (here: SPF pass); a forged sender's message is quarantined. The same per
+// recipient when Postfix takes the message for some recipients: those get one copy, the deferred ones
+// are retried alone.
+import { readdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Mailbox, startMailbox } from "../../demo/src/mailbox.js";
@@ -98,6 +100,155 @@ describe.skipIf(!ready)(
       await waitFor(() => edge.agent.spool.store.size === 0, { what: "spool empty" });
       expect(await readdir(join(edge.dir, "spool", "quarantine"))).toContain(`${forgedId}.spool`);
       expect(remote.messages.filter((m) => m.to.includes("liar@forged.test"))).toHaveLength(0);
+    });
+
+    it("delivers a message Postfix takes for some recipients once, and bounces or quarantines the rest", async () => {
+      const recipients = join(await tempDir("rcpt"), "list");
+      await writeFile(recipients, `alice@${postfix.domain}\nghost@${postfix.domain}\n`);
+      const edge = await makeEdge({
+        overrides: {
+          dnsServers: [dns.address],
+          transports: {
+            "sender.test": `127.0.0.1:${remote.port}`,
+            "forged.test": `127.0.0.1:${remote.port}`,
+          },
+          "spool.retryMin": 100,
+        },
+      });
+      const overrides = {
+        "postfix.inject": `127.0.0.1:${postfix.injectPort}`,
+        "recipients.file": recipients,
+      };
+      const home = await makeHome(await edge.token(), overrides, "partial-home");
+      await waitFor(() => edge.agent.status().homes[0]?.recipients ?? false, { what: "recipient sync" });
+      await home.stop();
+      await waitFor(() => !edge.agent.status().homes[0]!.connected, { what: "home gone" });
+
+      const dsnsBefore = remote.messages.filter((m) => m.to.includes("someone@sender.test")).length;
+      const tag = Date.now().toString(36);
+      for (const from of ["someone@sender.test", "liar@forged.test"]) {
+        const sent = await swaksTo(edge.smtpPort, `alice@${postfix.domain},ghost@${postfix.domain}`, [
+          "--local-interface",
+          "127.0.0.2",
+          "--ehlo",
+          "client.example",
+          "--from",
+          from,
+          "--header",
+          `Subject: partly taken ${tag} from ${from}`,
+        ]);
+        expect(sent.code, sent.output).toBe(0);
+      }
+      const entries = await waitFor(
+        () => {
+          const list = edge.agent.spool.store.list();
+          return list.length === 2 && list.every((e) => e.auth) ? list : undefined;
+        },
+        { what: "sender checks stored" },
+      );
+      const forgedId = entries.find((e) => e.header.envelope.mailFrom === "liar@forged.test")!.id;
+
+      await startTestHome(home.dir, overrides);
+      await waitFor(() => edge.agent.spool.store.size === 0, { what: "spool empty", timeoutMs: 30_000 });
+      const dsn = await waitFor(
+        () => remote.messages.filter((m) => m.to.includes("someone@sender.test"))[dsnsBefore],
+        { what: "the DSN for ghost@ at the sender's server", timeoutMs: 30_000 },
+      );
+      const text = dsn.data.toString("utf8");
+      expect(text).toMatch(/Final-Recipient: rfc822; ?ghost@home\.test/i);
+      expect(text).not.toMatch(/Final-Recipient: rfc822; ?alice@/i);
+      expect(text).toMatch(/Status: 5\.1\.1/);
+      expect(
+        await readFile(join(edge.dir, "spool", "quarantine", `${forgedId}.partial.reason`), "utf8"),
+      ).toMatch(/<ghost@home\.test>: 550 5\.1\.1/);
+      // alice@ got each message exactly once.
+      const mine = async () =>
+        (await postfix.messages("alice")).filter((m) => m.includes(`partly taken ${tag}`));
+      await waitFor(async () => ((await mine()).length >= 2 ? true : undefined), { what: "alice's copies" });
+      // Nothing is left to send again: after a restart the spool is still empty.
+      await edge.restart();
+      expect(edge.agent.spool.store.size).toBe(0);
+      expect(await mine()).toHaveLength(2);
+      expect(remote.messages.filter((m) => m.to.includes("liar@forged.test"))).toHaveLength(0);
+    });
+
+    it("retries only the recipient Postfix deferred, also across an edge restart", async () => {
+      // bob@ is deferred by a recipient access map until the map entry goes; ghost@ is unknown (550).
+      const access = join(postfix.dir, "rcpt-access");
+      await writeFile(access, `bob@${postfix.domain} 450 4.2.0 mailbox busy\n`, { mode: 0o644 });
+      await postfix.postconf([
+        "-e",
+        `smtpd_recipient_restrictions=check_recipient_access texthash:${access}`,
+      ]);
+      const recipients = join(await tempDir("rcpt"), "list");
+      await writeFile(recipients, ["alice", "bob", "ghost"].map((u) => `${u}@${postfix.domain}\n`).join(""));
+      const edge = await makeEdge({
+        overrides: {
+          dnsServers: [dns.address],
+          transports: { "sender.test": `127.0.0.1:${remote.port}` },
+          "spool.retryMin": 100,
+          "spool.retryMax": 300,
+        },
+      });
+      const overrides = {
+        "postfix.inject": `127.0.0.1:${postfix.injectPort}`,
+        "recipients.file": recipients,
+      };
+      const home = await makeHome(await edge.token(), overrides, "deferred-home");
+      await waitFor(() => edge.agent.status().homes[0]?.recipients ?? false, { what: "recipient sync" });
+      await home.stop();
+      await waitFor(() => !edge.agent.status().homes[0]!.connected, { what: "home gone" });
+
+      const dsnsBefore = remote.messages.filter((m) => m.to.includes("someone@sender.test")).length;
+      const tag = `deferred ${Date.now().toString(36)}`;
+      const to = ["alice", "bob", "ghost"].map((u) => `${u}@${postfix.domain}`).join(",");
+      const sent = await swaksTo(edge.smtpPort, to, [
+        "--local-interface",
+        "127.0.0.2",
+        "--ehlo",
+        "client.example",
+        "--from",
+        "someone@sender.test",
+        "--header",
+        `Subject: ${tag}`,
+      ]);
+      expect(sent.code, sent.output).toBe(0);
+      const id = (await waitFor(() => edge.agent.spool.store.list().find((e) => e.auth), { what: "spooled" }))
+        .id;
+
+      await startTestHome(home.dir, overrides);
+      const entry = await waitFor(
+        () => {
+          const e = edge.agent.spool.store.get(id);
+          return e?.remaining && e.tries >= 2 ? e : undefined;
+        },
+        { what: "bob@ retried", timeoutMs: 30_000 },
+      );
+      expect(entry.remaining).toEqual([`bob@${postfix.domain}`]);
+      const dsn = await waitFor(
+        () => remote.messages.filter((m) => m.to.includes("someone@sender.test"))[dsnsBefore],
+        { what: "the DSN for ghost@", timeoutMs: 30_000 },
+      );
+      expect(dsn.data.toString("utf8")).toMatch(/Final-Recipient: rfc822; ?ghost@home\.test/i);
+      expect(dsn.data.toString("utf8")).not.toMatch(/Final-Recipient: rfc822; ?(alice|bob)@/i);
+
+      await edge.restart();
+      expect(edge.agent.spool.store.get(id)?.remaining).toEqual([`bob@${postfix.domain}`]);
+      await writeFile(access, "", { mode: 0o644 });
+      await postfix.reload();
+      await waitFor(() => edge.agent.spool.store.size === 0, { what: "spool empty", timeoutMs: 30_000 });
+      const copies = async (user: string) =>
+        (await postfix.messages(user)).filter((m) => m.includes(`Subject: ${tag}`)).length;
+      // Postfix's 250 means queued: local delivery to the Maildir follows.
+      await waitFor(async () => (await copies("bob")) >= 1 && (await copies("alice")) >= 1, {
+        what: "alice's and bob's copies",
+      });
+      expect(await copies("alice")).toBe(1);
+      expect(await copies("bob")).toBe(1);
+      expect(remote.messages.filter((m) => m.to.includes("someone@sender.test"))).toHaveLength(
+        dsnsBefore + 1,
+      );
+      await postfix.postconf(["-e", "smtpd_recipient_restrictions="]);
     });
   },
 );

@@ -127,10 +127,12 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
       retryMaxMs: config.spool.retryMax,
       maxAgeMs: config.spool.maxAge,
       stableAfterMs: config.stableAfter,
-      onUndeliverable: async (entry, reason) => {
+      onUndeliverable: async (entry, reason, failed, partial) => {
         await handleUndeliverable({
           entry,
           reason,
+          ...(failed ? { failed } : {}),
+          ...(partial ? { partial } : {}),
           store: spoolStore,
           outbound,
           hostname: config.hostname,

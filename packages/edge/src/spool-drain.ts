@@ -1,6 +1,8 @@
 // Drains the spool to home over `spool` streams: oldest first, a few at a time, each file sent as
 // its sealed bytes (home verifies and opens them). A file is deleted only after home's RESULT says
-// Postfix took it; a 4xx is retried with backoff; a 5xx or expiry is never silently dropped.
+// Postfix took it; a 4xx is retried with backoff; a 5xx or expiry is never silently dropped. When
+// Postfix takes it for some recipients only, those are done for good (home logs them), the ones it
+// refused for good get the undeliverable treatment, and only the deferred ones are retried.
 import {
   type Logger,
   type MuxStream,
@@ -9,6 +11,7 @@ import {
   readSpoolMeta,
 } from "@mxtunnel/shared";
 import type { SpoolEntry, SpoolStore } from "./spool-store.js";
+import type { RecipientFailure } from "./undeliverable.js";
 
 /** Where the header begins in a spool file: after "MXSPOOL1" and the u32 header length. */
 const SPOOL_HEADER_OFFSET = 12;
@@ -32,9 +35,15 @@ export interface SpoolDrainOptions {
   stableAfterMs: number;
   /**
    * A message home's Postfix refused for good (5xx), or one that expired: the owner sends a DSN
-   * when the sender was authenticated at spool time, and quarantines it otherwise.
+   * when the sender was authenticated at spool time, and quarantines it otherwise. With `failed`,
+   * only those recipients failed; with `partial`, the file stays for other recipients.
    */
-  onUndeliverable: (entry: SpoolEntry, reason: string) => Promise<void>;
+  onUndeliverable: (
+    entry: SpoolEntry,
+    reason: string,
+    failed?: RecipientFailure[],
+    partial?: boolean,
+  ) => Promise<void>;
 }
 
 export interface SpoolResult {
@@ -42,6 +51,9 @@ export interface SpoolResult {
   duplicate?: boolean;
   code?: number;
   message?: string;
+  rejected?: string[];
+  /** Postfix's reply per refused recipient (homes since per-recipient results; see docs/protocol.md). */
+  refused?: { recipient: string; code?: number; message: string }[];
 }
 
 export class SpoolDrain {
@@ -125,6 +137,7 @@ export class SpoolDrain {
         headerLength,
         cipherLength: meta.cipherLength,
         cipherSha256: meta.cipherSha256,
+        ...recipientsMeta(entry),
       });
       const body = openSpoolCipherStream(entry.path, {
         cipherOffset: SPOOL_HEADER_OFFSET,
@@ -133,6 +146,17 @@ export class SpoolDrain {
       result = await this.exchange(stream, body);
     } catch (error) {
       result = { status: "deferred", message: (error as Error).message };
+    }
+    const split = result.status === "corrupt" ? undefined : splitRefusals(result);
+    if (split) {
+      try {
+        await this.settleRecipients(entry, result, split, log);
+      } catch (error) {
+        // Nothing was narrowed: the next attempt asks home again, which skips whom it delivered to.
+        log.error({ err: (error as Error).message }, "handling refused recipients failed");
+        await this.defer(entry, `refused recipients not yet handled: ${(error as Error).message}`, log);
+      }
+      return;
     }
     switch (result.status) {
       case "delivered":
@@ -144,16 +168,9 @@ export class SpoolDrain {
         );
         await store.remove(entry.id);
         return;
-      case "deferred": {
-        this.counters.deferred++;
-        const delay = Math.min(
-          this.options.retryMaxMs,
-          this.options.retryMinMs * 2 ** Math.min(entry.tries, 20),
-        );
-        log.warn({ reason: result.message, retryInMs: delay }, "home deferred a spooled message");
-        await store.deferred(entry.id, result.message ?? "deferred", delay);
+      case "deferred":
+        await this.defer(entry, result.message ?? "deferred", log);
         return;
-      }
       case "rejected":
         this.counters.rejected++;
         await this.options.onUndeliverable(
@@ -166,6 +183,52 @@ export class SpoolDrain {
         await store.quarantine(entry.id, `home could not open it: ${result.message ?? "corrupt"}`);
         return;
     }
+  }
+
+  private async defer(entry: SpoolEntry, reason: string, log: Logger): Promise<void> {
+    this.counters.deferred++;
+    const delay = Math.min(this.options.retryMaxMs, this.options.retryMinMs * 2 ** Math.min(entry.tries, 20));
+    log.warn({ reason, retryInMs: delay }, "home deferred a spooled message");
+    await this.options.store.deferred(entry.id, reason, delay);
+  }
+
+  /**
+   * Postfix answered recipient by recipient. The DSN (or quarantine copy) for the permanent failures
+   * is queued before the entry is narrowed: a crash in between sends that DSN twice, never none.
+   */
+  private async settleRecipients(
+    entry: SpoolEntry,
+    result: SpoolResult,
+    { permanent, temporary }: RecipientSplit,
+    log: Logger,
+  ): Promise<void> {
+    const { store } = this.options;
+    const delivered = result.status === "delivered";
+    // Whether anyone else was or may still be delivered from this file: then it stays for them.
+    const partial = delivered || temporary.length > 0 || entry.remaining !== null;
+    if (delivered) {
+      this.counters.delivered++;
+      log.info(
+        { tries: entry.tries + 1, refused: permanent.length + temporary.length },
+        "spooled message delivered to home for some recipients",
+      );
+    }
+    if (permanent.length) {
+      this.counters.rejected++;
+      const reason = permanent.map((f) => `<${f.address}>: ${f.diagnostic}`).join("; ");
+      await this.options.onUndeliverable(entry, reason, permanent, partial);
+    }
+    if (!partial) return;
+    if (temporary.length === 0) {
+      await store.remove(entry.id);
+      return;
+    }
+    await store.narrow(entry.id, temporary);
+    await this.defer(
+      entry,
+      result.refused?.find((r) => temporary.includes(r.recipient))?.message ?? "deferred",
+      log,
+    );
   }
 
   private exchange(stream: MuxStream, body: NodeJS.ReadableStream): Promise<SpoolResult> {
@@ -213,4 +276,50 @@ export class SpoolDrain {
       });
     });
   }
+}
+
+interface RecipientSplit {
+  permanent: RecipientFailure[];
+  /** Addresses to try again. */
+  temporary: string[];
+}
+
+/**
+ * The recipient-by-recipient part of a RESULT, if it has one. A home that predates `refused` lists
+ * only addresses in `rejected`, and has logged the whole message as delivered, so a retry would never
+ * reach them: they count as failed for good.
+ */
+function splitRefusals(result: SpoolResult): RecipientSplit | undefined {
+  if (Array.isArray(result.refused) && result.refused.length > 0) {
+    const permanent: RecipientFailure[] = [];
+    const temporary: string[] = [];
+    for (const r of result.refused) {
+      if (r.code && r.code >= 500) permanent.push({ address: r.recipient, diagnostic: `${r.message}` });
+      else temporary.push(r.recipient);
+    }
+    // Nothing taken and nothing refused for good: a plain deferral of what was asked for.
+    if (result.status === "deferred" && permanent.length === 0) return undefined;
+    return { permanent, temporary };
+  }
+  if (result.status === "delivered" && !result.duplicate && result.rejected?.length) {
+    const diagnostic = "550 5.0.0 refused by the home mail server";
+    return { permanent: result.rejected.map((address) => ({ address, diagnostic })), temporary: [] };
+  }
+  return undefined;
+}
+
+/**
+ * The recipients still to deliver as indexes into the envelope (what the stream meta names, to stay
+ * small); none when all are. Should one not be found, all are asked for: home skips whom it delivered
+ * to, so that costs at most a repeated DSN, never a lost recipient.
+ */
+function recipientsMeta(entry: SpoolEntry): { recipients?: number[] } {
+  if (!entry.remaining) return {};
+  const wanted = new Set(entry.remaining);
+  const indexes: number[] = [];
+  entry.header.envelope.rcptTo.forEach((r, index) => {
+    if (wanted.has(r.address)) indexes.push(index);
+  });
+  const found = new Set(indexes.map((index) => entry.header.envelope.rcptTo[index]!.address));
+  return found.size === wanted.size ? { recipients: indexes } : {};
 }

@@ -27,12 +27,15 @@ export interface SpoolEntry {
   nextAttemptAt: number;
   lastError: string | null;
   auth: SenderAuth | null;
+  /** The recipients still to deliver, when home delivered to some already; null: all of them. */
+  remaining: string[] | null;
 }
 
 interface AttemptState {
   tries: number;
   nextAttemptAt: number;
   lastError: string | null;
+  remaining?: string[];
   /** Written by versions before auth.log; read at start and moved there. */
   auth?: SenderAuth;
 }
@@ -108,6 +111,7 @@ export class SpoolStore {
       nextAttemptAt: attempt?.nextAttemptAt ?? 0,
       lastError: attempt?.lastError ?? null,
       auth: this.authAtStart.get(header.id) ?? null,
+      remaining: attempt?.remaining ?? null,
     };
     this.entries.set(entry.id, entry);
     return entry;
@@ -159,6 +163,21 @@ export class SpoolStore {
       tries: entry.tries,
       nextAttemptAt: entry.nextAttemptAt,
       lastError: error,
+    };
+    await this.saveAttempts();
+  }
+
+  /** Home delivered to some recipients (or they failed for good): only `remaining` are retried. */
+  async narrow(id: string, remaining: string[]): Promise<void> {
+    const entry = this.entries.get(id);
+    if (!entry) return;
+    entry.remaining = remaining;
+    this.attempts[id] = {
+      tries: entry.tries,
+      nextAttemptAt: entry.nextAttemptAt,
+      lastError: entry.lastError,
+      ...this.attempts[id],
+      remaining,
     };
     await this.saveAttempts();
   }

@@ -1,8 +1,17 @@
 // What the backup MX does with spooled mail it can never deliver (home's Postfix answered 5xx, or
 // it expired): a DSN to the envelope sender when that sender was authenticated at spool time (SPF
 // or aligned DKIM), quarantine otherwise. A backup MX must not send backscatter to forged senders.
-import { buildDsn, type Logger } from "@mxtunnel/shared";
+// The same rule holds for some recipients of a message Postfix took for the others.
+import { copyFile, readFile } from "node:fs/promises";
+import { join } from "node:path";
+import { buildDsn, fsyncDirectory, type Logger, writeFileAtomic } from "@mxtunnel/shared";
 import type { SpoolEntry, SpoolStore } from "./spool-store.js";
+
+/** A recipient that failed for good, with the reply that says why. */
+export interface RecipientFailure {
+  address: string;
+  diagnostic: string;
+}
 
 export interface DsnSender {
   enqueueLocal(
@@ -15,6 +24,13 @@ export interface DsnSender {
 export async function handleUndeliverable(options: {
   entry: SpoolEntry;
   reason: string;
+  /** Who failed, each with its own reply; by default every recipient not yet delivered, with `reason`. */
+  failed?: RecipientFailure[];
+  /**
+   * Postfix took the message for other recipients, or still may: the spool file stays for them, the
+   * DSN names only `failed`, and a quarantine keeps a copy (`<id>.partial.spool`).
+   */
+  partial?: boolean;
   store: SpoolStore;
   outbound: DsnSender;
   hostname: string;
@@ -23,16 +39,22 @@ export async function handleUndeliverable(options: {
 }): Promise<"dsn" | "quarantined"> {
   const { entry, reason, store, logger } = options;
   const { envelope } = entry.header;
+  const failed =
+    options.failed ??
+    (entry.remaining ?? envelope.rcptTo.map((r) => r.address)).map((address) => ({
+      address,
+      diagnostic: reason,
+    }));
   if (!envelope.mailFrom || !entry.auth?.dsnAllowed) {
     const why = !envelope.mailFrom
       ? "null sender: no DSN for a DSN"
       : entry.auth
         ? `sender not authenticated (SPF ${entry.auth.spf}, aligned DKIM ${entry.auth.dkimAligned ? "pass" : "none"}): no DSN, to avoid backscatter`
         : "sender authentication unknown: no DSN, to avoid backscatter";
-    await store.quarantine(entry.id, `${reason}; ${why}`);
+    if (options.partial) await quarantineCopy(entry, store, failed, why, logger);
+    else await store.quarantine(entry.id, `${reason}; ${why}`);
     return "quarantined";
   }
-  const status = /\b([245]\.\d{1,3}\.\d{1,3})\b/.exec(reason)?.[1] ?? "5.0.0";
   // The edge cannot read the sealed message, so the DSN quotes what it knows in the clear: the
   // envelope. That is enough for the sender to recognise the message.
   const original = Buffer.from(
@@ -44,19 +66,48 @@ export async function handleUndeliverable(options: {
     original,
     arrivalDate: new Date(entry.receivedAt),
     envelopeId: envelope.mailParams.ENVID,
-    recipients: envelope.rcptTo.map((r) => ({
-      address: r.address,
-      originalRecipient: r.params.ORCPT,
-      action: "failed",
-      status: status.startsWith("5") ? status : "5.0.0",
-      diagnostic: reason,
-    })),
+    recipients: failed.map(({ address, diagnostic }) => {
+      const status = /\b([245]\.\d{1,3}\.\d{1,3})\b/.exec(diagnostic)?.[1] ?? "5.0.0";
+      return {
+        address,
+        originalRecipient: envelope.rcptTo.find((r) => r.address === address)?.params.ORCPT,
+        action: "failed" as const,
+        status: status.startsWith("5") ? status : "5.0.0",
+        diagnostic,
+      };
+    }),
   });
   const id = await options.outbound.enqueueLocal({ mailFrom: "", rcptTo: [envelope.mailFrom] }, dsn, {
     publicKey: entry.homeKey,
     name: options.homeName,
   });
-  await store.remove(entry.id);
-  logger.warn({ id: entry.id, dsn: id, reason }, "spooled message undeliverable: DSN queued to the sender");
+  if (!options.partial) await store.remove(entry.id);
+  logger.warn(
+    { id: entry.id, dsn: id, reason, recipients: failed.length, partial: Boolean(options.partial) },
+    "spooled message undeliverable: DSN queued to the sender",
+  );
   return "dsn";
+}
+
+/**
+ * Keeps a copy of a message some of whose recipients failed (the file itself stays for the others),
+ * with the reasons appended to `<id>.partial.reason`, so the operator can still release it to them.
+ */
+async function quarantineCopy(
+  entry: SpoolEntry,
+  store: SpoolStore,
+  failed: RecipientFailure[],
+  why: string,
+  logger: Logger,
+): Promise<void> {
+  const base = join(store.quarantineDir, `${entry.id}.partial`);
+  const before = await readFile(`${base}.reason`, "utf8").catch(() => "");
+  const lines = failed.map((f) => `<${f.address}>: ${f.diagnostic.replace(/[\r\n]+/g, " ")}; ${why}\n`);
+  await copyFile(entry.path, `${base}.spool`);
+  await writeFileAtomic(`${base}.reason`, before + lines.join(""), { mode: 0o600 });
+  await fsyncDirectory(store.quarantineDir);
+  logger.error(
+    { id: entry.id, recipients: failed.map((f) => f.address), why },
+    "recipients of a spooled message refused for good: a copy is quarantined, no DSN",
+  );
 }

@@ -6,6 +6,7 @@
 // dropped when the file is compacted (at open, and while running once enough lines were appended).
 // Compaction rewrites the file with writeFileAtomic (temp, fsync, rename, fsync dir): a crash leaves
 // the old file or the new one, and a temp file left behind is removed at the next open.
+import { createHash } from "node:crypto";
 import { type FileHandle, open, readdir, readFile, unlink } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import { type Logger, MAX_DURATION_MS, writeFileAtomic } from "@mxtunnel/shared";
@@ -30,9 +31,19 @@ const COMPACT_AFTER_LINES = 10_000;
 
 /**
  * The spool header's id pattern (spool-file.ts validates every header against it before home looks an
- * id up here). A line whose first field does not match can never answer a re-send.
+ * id up here), alone or as a recipientKey(). A line whose first field does not match can never answer
+ * a re-send.
  */
-const SPOOL_ID = /^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$/;
+const SPOOL_ID = /^[A-Za-z0-9][A-Za-z0-9_-]{0,127}(\/[0-9a-f]{32})?$/;
+
+/**
+ * The key recording one recipient of a spooled message as delivered, for a message Postfix took for
+ * only some of its recipients: `<id>/<first 128 bits of SHA-256 of the address, hex>`. A re-send
+ * then goes only to the recipients not recorded. A message delivered whole is recorded by its id.
+ */
+export function recipientKey(id: string, address: string): string {
+  return `${id}/${createHash("sha256").update(address).digest("hex").slice(0, 32)}`;
+}
 
 export interface InjectedLogOptions {
   logger: Logger;
@@ -108,7 +119,8 @@ export class InjectedLog {
     return this.recordedAt.size;
   }
 
-  async record(id: string): Promise<void> {
+  /** Records ids or recipientKey()s, in one synced append. */
+  async record(...keys: string[]): Promise<void> {
     await this.serially(async () => {
       const handle = this.handle ?? (await open(this.path, "a", 0o600));
       // After close (a delivery finishing during shutdown) the id is still written, with a handle of
@@ -116,10 +128,10 @@ export class InjectedLog {
       if (!this.closed) this.handle = handle;
       try {
         const at = this.now();
-        await handle.appendFile(recordLine(id, at));
+        await handle.appendFile(keys.map((key) => recordLine(key, at)).join(""));
         await handle.datasync();
-        this.recordedAt.set(id, at);
-        this.appendedSinceCompaction++;
+        for (const key of keys) this.recordedAt.set(key, at);
+        this.appendedSinceCompaction += keys.length;
       } finally {
         if (this.closed) {
           if (this.handle === handle) this.handle = undefined;

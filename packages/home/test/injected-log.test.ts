@@ -4,7 +4,7 @@ import { join } from "node:path";
 import { Writable } from "node:stream";
 import { createLogger, MAX_DURATION_MS } from "@mxtunnel/shared";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import { INJECTED_ID_HORIZON_MS, InjectedLog } from "../src/injected-log.js";
+import { INJECTED_ID_HORIZON_MS, InjectedLog, recipientKey } from "../src/injected-log.js";
 
 const DAY = 86_400_000;
 const T0 = Date.parse("2026-11-01T00:00:00.000Z");
@@ -38,6 +38,20 @@ function line(id: string, at: number): string {
 describe("InjectedLog", () => {
   it("keeps the horizon above the longest spool.maxAge any edge may be configured with", () => {
     expect(INJECTED_ID_HORIZON_MS).toBeGreaterThan(MAX_DURATION_MS + DAY);
+  });
+
+  it("remembers recipients recorded one by one across a reopen, apart from the whole id", async () => {
+    const { logger, lines } = capturingLogger();
+    const log = await InjectedLog.open(path, { logger, now: () => T0 });
+    await log.record(recipientKey("msg-1", "alice@home.test"), recipientKey("msg-1", "bob@home.test"));
+    await log.close();
+    const again = await InjectedLog.open(path, { logger, now: () => T0 });
+    expect(again.has(recipientKey("msg-1", "alice@home.test"))).toBe(true);
+    expect(again.has(recipientKey("msg-1", "bob@home.test"))).toBe(true);
+    expect(again.has(recipientKey("msg-1", "carol@home.test"))).toBe(false);
+    expect(again.has("msg-1")).toBe(false);
+    expect(lines.filter((l) => l.level >= 40)).toEqual([]);
+    await again.close();
   });
 
   it("remembers recorded ids across a reopen", async () => {
