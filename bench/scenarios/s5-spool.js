@@ -34,7 +34,10 @@ async function fsyncAnchor(dir, count) {
 }
 
 async function startPostfixLab() {
-  const lab = spawnTool("npx", ["tsx", "scripts/postfix-lab.ts", "start", "--no-tls", "--no-ipv6"], {
+  // Node itself with tsx's loader, not `npx tsx`: npx exits on SIGTERM without passing it on, and the
+  // orphaned lab would keep Postfix running and this process's pipes open (the bench never exited).
+  const args = ["--import", "tsx", "scripts/postfix-lab.ts", "start", "--no-tls", "--no-ipv6"];
+  const lab = spawnTool(process.execPath, args, {
     label: "postfix-lab",
     cwd: join(import.meta.dirname, "..", ".."),
   });
