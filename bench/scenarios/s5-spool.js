@@ -34,7 +34,10 @@ async function fsyncAnchor(dir, count) {
 }
 
 async function startPostfixLab() {
-  const lab = spawnTool("npx", ["tsx", "scripts/postfix-lab.ts", "start", "--no-tls", "--no-ipv6"], {
+  // Node itself with tsx's loader, not `npx tsx`: npx exits on SIGTERM without passing it on, and the
+  // orphaned lab would keep Postfix running and this process's pipes open (the bench never exited).
+  const args = ["--import", "tsx", "scripts/postfix-lab.ts", "start", "--no-tls", "--no-ipv6"];
+  const lab = spawnTool(process.execPath, args, {
     label: "postfix-lab",
     cwd: join(import.meta.dirname, "..", ".."),
   });
@@ -73,6 +76,16 @@ export async function run({ quick, runs, log }) {
     });
     await agents.home.stop();
     await waitFor("the edge to see home gone", async () => !(await homeConnected(agents.edgeDir)));
+    // Untimed warm-up, the same load into both: the steady state is measured, not the edge's JIT
+    // compiling its hot paths during the first run (Postfix's C has nothing to warm up but caches).
+    const warmUp = quick ? 200 : 500;
+    await smtpSource(postfix.info.smtpPort, {
+      sessions,
+      messages: warmUp,
+      size,
+      to: `alice@${postfix.info.domain}`,
+    });
+    await smtpSource(agents.smtpPort, { sessions, messages: warmUp, size });
     for (let i = 0; i < runs; i++) {
       const rep = {};
       rep.fsyncMs = await fsyncAnchor(anchorDir, 200);

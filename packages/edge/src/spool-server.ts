@@ -4,14 +4,13 @@
 // (bare CR, bare LF, NUL), and `250` only after the file is durable.
 import { randomBytes } from "node:crypto";
 import type net from "node:net";
-import { pipeline } from "node:stream/promises";
 import {
   decodeKey,
   type EdgeConfig,
   greetWithoutDelay,
   KeyedRateLimiter,
+  LineEndingScanner,
   type Logger,
-  SmugglingGuard,
   SpoolFileWriter,
   SpoolSealer,
 } from "@mxtunnel/shared";
@@ -72,6 +71,7 @@ export class SpoolServer {
   private readonly sizes = new Map<string, number>();
   private readonly resolve: DnsResolve;
   private readonly unsignedOutcomes = new AnswerCache();
+  private readonly spoolKeys = new Map<string, Uint8Array>();
   readonly counters = {
     sessions: 0,
     spooled: 0,
@@ -211,6 +211,16 @@ export class SpoolServer {
     this.sessions.set(session, current);
   }
 
+  /** A home's spool key, decoded once (its key object is then imported once too). */
+  private spoolKey(encoded: string): Uint8Array {
+    let key = this.spoolKeys.get(encoded);
+    if (!key) {
+      key = decodeKey(encoded, "spool key");
+      this.spoolKeys.set(encoded, key);
+    }
+    return key;
+  }
+
   private async receive(stream: SMTPServerDataStream, session: SMTPServerSession): Promise<string> {
     const { store, logger } = this.options;
     const home = this.sessions.get(session)?.home;
@@ -222,7 +232,7 @@ export class SpoolServer {
     const id = `${Date.now().toString(36)}-${randomBytes(6).toString("hex")}`;
     const mailFrom = session.envelope.mailFrom;
     const sealer = new SpoolSealer({
-      spoolPublicKey: decodeKey(home.spoolPublicKey, "spool key"),
+      spoolPublicKey: this.spoolKey(home.spoolPublicKey),
       id,
       receivedAt: new Date(),
       envelope: {
@@ -238,7 +248,7 @@ export class SpoolServer {
       },
       extra: { homeKey: home.publicKey },
     });
-    const guard = new SmugglingGuard();
+    const lineEndings = new LineEndingScanner();
     const auth = new SenderAuthCheck({
       ip: session.remoteAddress,
       helo: session.hostNameAppearsAs ?? "",
@@ -254,22 +264,23 @@ export class SpoolServer {
         tmpDir: store.tmpDir,
         ...(this.options.openFile ? { open: this.options.openFile } : {}),
       });
-      const sink = writer;
-      await pipeline(stream, guard, async (source: AsyncIterable<Buffer>) => {
-        for await (const chunk of source) {
-          auth.write(chunk);
-          await sink.write(chunk);
-        }
-      });
+      // The data stream read directly: a pipeline through a Transform cost an AbortController and a
+      // stream per message.
+      for await (const chunk of stream as AsyncIterable<Buffer>) {
+        lineEndings.scan(chunk);
+        auth.write(chunk);
+        await writer.write(chunk);
+      }
+      lineEndings.finish();
       auth.end();
       if (stream.sizeExceeded) throw reply(552, "5.3.4 Message size exceeds the fixed limit");
-      if (guard.violation) {
+      if (lineEndings.violation) {
         this.counters.smuggling++;
         logger.warn(
-          { id, client: session.remoteAddress, violation: guard.violation },
+          { id, client: session.remoteAddress, violation: lineEndings.violation },
           "message refused: SMTP smuggling guard",
         );
-        throw reply(550, `5.6.0 Message refused: ${guard.violation} in message data`);
+        throw reply(550, `5.6.0 Message refused: ${lineEndings.violation} in message data`);
       }
       const committed = await writer.commit();
       store.register(committed.path, sealer.header, committed.fileSize);

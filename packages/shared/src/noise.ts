@@ -215,9 +215,12 @@ export function keyPairFromPrivateKey(privateKey: Uint8Array): KeyPair {
   return { publicKey: rawPublicKey(createPublicKey(key)), privateKey };
 }
 
-/** X25519(privateKey, publicKey); a low-order public key throws CryptoError("LOW_ORDER_KEY"). */
+/**
+ * X25519(privateKey, publicKey); a low-order public key throws CryptoError("LOW_ORDER_KEY"). Both
+ * key objects are kept per array, so a recurring key (a spool key sealed to per message) is imported once.
+ */
 export function x25519(privateKey: Uint8Array, publicKey: Uint8Array): Uint8Array {
-  return dh(privateKeyObject(privateKey), importPublicKey(publicKey));
+  return dh(privateKeyObject(privateKey), publicKeyObject(publicKey));
 }
 
 // ---------------------------------------------------------------------------------------------
