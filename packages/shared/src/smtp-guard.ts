@@ -1,8 +1,6 @@
 // SMTP smuggling defence shared by every place mxtunnel receives message data (the edge's spool,
 // home's relay listener): a message containing a bare CR, a bare LF or a NUL could be read as two
 // messages by another MTA, so it is refused whole (550 5.6.0), never passed on.
-import { Transform, type TransformCallback } from "node:stream";
-
 /** Scans message bytes chunk by chunk; remembers the first hazard it sees. */
 export class LineEndingScanner {
   violation: "NUL" | "bare LF" | "bare CR" | undefined;
@@ -39,23 +37,4 @@ export function smugglingViolation(message: Uint8Array): LineEndingScanner["viol
   scanner.scan(message);
   scanner.finish();
   return scanner.violation;
-}
-
-/** Passes message bytes through unchanged and records the first hazard (see LineEndingScanner). */
-export class SmugglingGuard extends Transform {
-  private readonly scanner = new LineEndingScanner();
-
-  get violation(): LineEndingScanner["violation"] {
-    return this.scanner.violation;
-  }
-
-  override _transform(chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
-    this.scanner.scan(chunk);
-    callback(null, chunk);
-  }
-
-  override _flush(callback: TransformCallback): void {
-    this.scanner.finish();
-    callback();
-  }
 }
