@@ -20,6 +20,7 @@ import {
   type SpoolHeader,
   SpoolOpener,
 } from "@mxtunnel/shared";
+import nodemailer from "nodemailer";
 import { type InjectedLog, recipientKey } from "./injected-log.js";
 import type { ServiceTarget } from "./service-connector.js";
 
@@ -259,8 +260,6 @@ export class SpoolInjector {
     message: Readable | Buffer,
   ): Promise<{ accepted: string[]; rejectedErrors?: SmtpError[]; response: string }> {
     const { envelope, client } = header;
-    // Loaded when home first injects spooled mail, not at start: most homes never need it.
-    const { default: nodemailer } = await import("nodemailer");
     const transport = nodemailer.createTransport({
       host: this.options.inject.target.host,
       port: this.options.inject.target.port,
