@@ -32,7 +32,6 @@ import {
   forwardOverLimitReply,
   forwardTryLater,
 } from "./forward-listener.js";
-import { edgeRegistry, startMetricsServer } from "./metrics.js";
 import { EdgeMonitor } from "./monitor.js";
 import { type OutboundQueue, startOutbound } from "./outbound-queue.js";
 import { receiveRecipientList } from "./recipient-sync.js";
@@ -263,6 +262,9 @@ export async function startEdge(options: EdgeAgentOptions): Promise<EdgeAgent> {
     };
     let metricsAddress: AddressInfo | null = null;
     if (config.metricsListen) {
+      // Loaded only when metrics are on: prom-client (and the OpenTelemetry API it pulls in) costs
+      // memory an agent without metrics never needs.
+      const { edgeRegistry, startMetricsServer } = await import("./metrics.js");
       const registry = edgeRegistry({
         state,
         tunnels,

@@ -10,7 +10,7 @@ import net from "node:net";
 import os from "node:os";
 import tls from "node:tls";
 import { formatHostPort, type HostPort, isPrivateClientAddress, type Logger } from "@mxtunnel/shared";
-import SMTPConnection from "nodemailer/lib/smtp-connection";
+import type SMTPConnection from "nodemailer/lib/smtp-connection";
 
 export type Outcome = "delivered" | "deferred" | "failed";
 
@@ -254,7 +254,7 @@ export class Deliverer {
           ...(this.verifyContext ? { secureContext: this.verifyContext } : {}),
         }
       : { servername, rejectUnauthorized: false, minVersion: MIN_TLS_VERSION };
-    const connection = new SMTPConnection({
+    const connection = new (await loadSmtpConnection())({
       host: address,
       port: hop.port,
       name: options.hostname,
@@ -483,6 +483,12 @@ export function enhancedOf(reply: string, code: number): string {
 
 function oneLine(text: string): string {
   return text.replace(/\s*\r?\n\s*/g, " ").slice(0, 500);
+}
+
+/** nodemailer's SMTP client, loaded the first time the edge speaks SMTP itself (delivering, or handing a
+ * DSN to home) rather than at start: an edge that only relays never needs it. */
+export async function loadSmtpConnection(): Promise<typeof SMTPConnection> {
+  return (await import("nodemailer/lib/smtp-connection")).default;
 }
 
 /** Connects (greeting, EHLO, STARTTLS as configured); nodemailer reports failures only as "error". */

@@ -4,8 +4,8 @@
 // waits on the edge while home is down; until then a DSN waits in the outbound queue and is retried.
 import { randomBytes } from "node:crypto";
 import { type Logger, type MuxStream, ResetCode } from "@mxtunnel/shared";
-import SMTPConnection from "nodemailer/lib/smtp-connection";
-import { connectSmtp } from "./delivery.js";
+import type SMTPConnection from "nodemailer/lib/smtp-connection";
+import { connectSmtp, loadSmtpConnection } from "./delivery.js";
 import type { TunnelServer } from "./tunnel-server.js";
 
 export interface HomeMailbox {
@@ -61,6 +61,7 @@ export class TunnelHomeMailbox implements HomeMailbox {
 
   async submit(envelope: { mailFrom: string; rcptTo: string[] }, message: Buffer): Promise<void> {
     const { options } = this;
+    const SmtpClient = await loadSmtpConnection();
     const tunnel = options.tunnels.tunnelOf(options.homePublicKey);
     if (!tunnel || tunnel.mux.closed) throw new HomeMailboxError("the home has no live tunnel", false);
     const session = `d${randomBytes(4).toString("hex")}`;
@@ -99,7 +100,7 @@ export class TunnelHomeMailbox implements HomeMailbox {
       stream.once("reset", onReset);
       stream.once("close", onClose);
     });
-    const connection = new SMTPConnection({
+    const connection = new SmtpClient({
       connection: socketLike(stream) as unknown as SMTPConnection.Options["connection"],
       name: options.hostname,
       // The tunnel is already end-to-end encrypted and authenticated.

@@ -4,13 +4,14 @@
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { writeFileAtomic } from "@mxtunnel/shared";
-import { generate } from "selfsigned";
 
 export function tlsPaths(dir: string) {
   return { key: join(dir, "tls-key.pem"), cert: join(dir, "tls-cert.pem") };
 }
 
 export async function generateTlsCertificate(dir: string, hostname: string): Promise<void> {
+  // Loaded here, not at start: selfsigned (node-forge) is only needed the once a certificate is made.
+  const { generate } = await import("selfsigned");
   const pems = await generate([{ name: "commonName", value: hostname }], {
     keySize: 2048,
     algorithm: "sha256",

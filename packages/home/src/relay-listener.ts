@@ -23,7 +23,6 @@ import {
   writeFileAtomic,
 } from "@mxtunnel/shared";
 import addressparser from "nodemailer/lib/addressparser";
-import { generate } from "selfsigned";
 import {
   SMTPServer,
   type SMTPServerAddress,
@@ -368,6 +367,8 @@ async function loadRelayCertificate(dir: string, host: string): Promise<{ key: B
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error;
   }
+  // Loaded here, not at start: selfsigned (node-forge) is only needed the once a certificate is made.
+  const { generate } = await import("selfsigned");
   const pems = await generate([{ name: "commonName", value: host }], {
     keySize: 2048,
     algorithm: "sha256",
