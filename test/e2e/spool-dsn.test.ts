@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Mailbox, startMailbox } from "../../demo/src/mailbox.js";
 import { cleanupAgents, makeEdge, makeHome, startTestHome, tempDir } from "../helpers/agents.js";
 import { startDnsServer as startTestDns, type TestDnsServer } from "../helpers/dns-server.js";
+import { smtpConnect } from "../helpers/smtp-client.js";
 import { swaksTo } from "../helpers/swaks.js";
 import { type PostfixLab, startPostfix } from "./lab/postfix.js";
 import { requireTools } from "./lab/require-tools.js";
@@ -249,6 +250,79 @@ describe.skipIf(!ready)(
         dsnsBefore + 1,
       );
       await postfix.postconf(["-e", "smtpd_recipient_restrictions="]);
+    });
+
+    it("carries the sender's DSN parameters: Postfix's success notice and the edge's failure DSN quote ENVID and ORCPT", async () => {
+      const recipients = join(await tempDir("rcpt"), "list");
+      await writeFile(recipients, `alice@${postfix.domain}\nghost@${postfix.domain}\n`);
+      const edge = await makeEdge({
+        overrides: {
+          dnsServers: [dns.address],
+          transports: { "sender.test": `127.0.0.1:${remote.port}` },
+          "spool.retryMin": 100,
+        },
+      });
+      const overrides = {
+        "postfix.inject": `127.0.0.1:${postfix.injectPort}`,
+        "recipients.file": recipients,
+      };
+      const home = await makeHome(await edge.token(), overrides, "dsn-params-home");
+      await waitFor(() => edge.agent.status().homes[0]?.recipients ?? false, { what: "recipient sync" });
+      await home.stop();
+      await waitFor(() => !edge.agent.status().homes[0]!.connected, { what: "home gone" });
+
+      const tag = Date.now().toString(36);
+      const { client } = await smtpConnect(edge.smtpPort);
+      expect(await client.command("EHLO client.example")).toMatch(/^250[ -]DSN$/m);
+      // bob@ (a local user of Postfix) asks for a success notice; ghost@ is unknown to Postfix.
+      const messages = [
+        {
+          mail: `MAIL FROM:<bob@${postfix.domain}> RET=HDRS ENVID=ok-${tag}`,
+          rcpt: `RCPT TO:<alice@${postfix.domain}> NOTIFY=SUCCESS ORCPT=rfc822;first.alice@${postfix.domain}`,
+          subject: `dsn success ${tag}`,
+        },
+        {
+          mail: `MAIL FROM:<params@sender.test> ENVID=fail-${tag}`,
+          rcpt: `RCPT TO:<ghost@${postfix.domain}> NOTIFY=FAILURE ORCPT=rfc822;old.ghost@${postfix.domain}`,
+          subject: `dsn failure ${tag}`,
+        },
+      ];
+      for (const m of messages) {
+        expect(await client.command(m.mail)).toMatch(/^250/);
+        expect(await client.command(m.rcpt)).toMatch(/^250/);
+        expect(await client.command("DATA")).toMatch(/^354/);
+        expect(await client.command(`Subject: ${m.subject}\r\n\r\nhello\r\n.`)).toMatch(/^250 .*backup MX/);
+      }
+      client.close();
+      await waitFor(
+        () => {
+          const list = edge.agent.spool.store.list();
+          return list.length === 2 && list.every((e) => e.auth) ? true : undefined;
+        },
+        { what: "sender checks stored" },
+      );
+
+      await startTestHome(home.dir, overrides);
+      await waitFor(() => edge.agent.spool.store.size === 0, { what: "spool empty", timeoutMs: 30_000 });
+      // Postfix delivered to alice@ and, as NOTIFY=SUCCESS asked, told bob@ with ENVID and ORCPT.
+      const notice = await waitFor(
+        async () =>
+          (await postfix.messages("bob")).find((m) => m.includes(`Original-Envelope-Id: ok-${tag}`)),
+        { what: "Postfix's success notice to bob@", timeoutMs: 30_000 },
+      );
+      expect(notice).toMatch(/Action: delivered/);
+      expect(notice).toMatch(
+        new RegExp(`Original-Recipient: rfc822; ?first\\.alice@${postfix.domain.replace(/\./g, "\\.")}`),
+      );
+      // The edge's own DSN for ghost@ quotes them as well.
+      const dsn = await waitFor(() => remote.messages.find((m) => m.to.includes("params@sender.test")), {
+        what: "the edge's DSN for ghost@",
+        timeoutMs: 30_000,
+      });
+      const text = dsn.data.toString("utf8");
+      expect(text).toMatch(new RegExp(`^Original-Envelope-Id: fail-${tag}\r?$`, "m"));
+      expect(text).toMatch(/^Original-Recipient: rfc822;old\.ghost@/m);
+      expect(text).toMatch(/Status: 5\.1\.1/);
     });
   },
 );

@@ -5,6 +5,7 @@
 // can script each recipient's answer and see every RCPT's parameters.
 import { readdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import { decodeKey, SpoolFileWriter, SpoolSealer } from "@mxtunnel/shared";
 import { SMTPServer } from "smtp-server";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Mailbox, startMailbox } from "../../demo/src/mailbox.js";
@@ -15,6 +16,8 @@ import { smtpConnect } from "../helpers/smtp-client.js";
 
 interface Transaction {
   from: string;
+  /** RET and ENVID as home's injector passed them on. */
+  mailArgs: { ret: string | undefined; envid: string | undefined };
   rcpts: { address: string; notify: string | undefined; orcpt: string | undefined }[];
   subject: string;
 }
@@ -46,6 +49,10 @@ async function startHomeMta(): Promise<{
         const text = Buffer.concat(chunks).toString("utf8");
         state.transactions.push({
           from: session.envelope.mailFrom ? session.envelope.mailFrom.address : "",
+          mailArgs: {
+            ret: ((session.envelope.mailFrom || { args: {} }).args as Record<string, string>).RET,
+            envid: ((session.envelope.mailFrom || { args: {} }).args as Record<string, string>).ENVID,
+          },
           rcpts: session.envelope.rcptTo.map((r) => {
             const args = (r.args || {}) as Record<string, string>;
             return { address: r.address, notify: args.NOTIFY, orcpt: args.ORCPT };
@@ -74,11 +81,17 @@ async function startHomeMta(): Promise<{
 }
 
 /** Sends one message to the edge (from 127.0.0.2, which sender.test's SPF allows) with raw RCPT lines. */
-async function spool(port: number, from: string, rcptLines: string[], subject: string): Promise<void> {
+async function spool(
+  port: number,
+  from: string,
+  rcptLines: string[],
+  subject: string,
+  mailParams = "",
+): Promise<void> {
   const { client, banner } = await smtpConnect(port);
   expect(banner).toMatch(/^220 .*backup MX/);
   expect(await client.command("EHLO client.example")).toMatch(/^250/);
-  expect(await client.command(`MAIL FROM:<${from}>`)).toMatch(/^250/);
+  expect(await client.command(`MAIL FROM:<${from}>${mailParams}`)).toMatch(/^250/);
   for (const line of rcptLines) expect(await client.command(`RCPT TO:${line}`), line).toMatch(/^250/);
   expect(await client.command("DATA")).toMatch(/^354/);
   const reply = await client.command(`From: <${from}>\r\nSubject: ${subject}\r\n\r\nhello\r\n.`);
@@ -217,5 +230,135 @@ describe("spooled mail taken for some recipients only", () => {
     expect(retried?.rcpts).toEqual([{ address: "later@home.test", notify: undefined, orcpt: undefined }]);
     expect(copies(mta.transactions, "authenticated", "ghost@home.test")).toBe(0);
     expect(remote.messages.filter((m) => m.to.includes("someone@sender.test"))).toHaveLength(1);
+  });
+
+  it("offers DSN, refuses bad DSN parameters, honours NOTIFY, ORCPT, ENVID and RET; old files still drain", async () => {
+    const recipients = join(await tempDir("rcpt"), "list");
+    await writeFile(recipients, ["alice", "ghost"].map((u) => `${u}@home.test\n`).join(""));
+    const edge = await makeEdge({
+      overrides: {
+        dnsServers: [dns.address],
+        transports: { "sender.test": `127.0.0.1:${remote.port}` },
+        "spool.retryMin": 100,
+        "spool.retryMax": 200,
+      },
+    });
+    const overrides = {
+      "postfix.inject": `127.0.0.1:${mta.port}`,
+      "postfix.proxyProtocol": "off",
+      "recipients.file": recipients,
+    };
+    const home = await makeHome(await edge.token(), overrides, "dsn-params-home");
+    await waitFor(() => edge.agent.status().homes[0]?.recipients ?? false, { what: "recipient sync" });
+    await home.stop();
+    await waitFor(() => !edge.agent.status().homes[0]!.connected, { what: "home gone" });
+
+    // EHLO lists DSN; bad DSN parameters get a 501 and spool nothing.
+    const { client } = await smtpConnect(edge.smtpPort);
+    expect(await client.command("EHLO client.example")).toMatch(/^250[ -]DSN$/m);
+    const refusals: [string, RegExp][] = [
+      ["MAIL FROM:<someone@sender.test> RET=BODY", /^501 .*RET/],
+      ["MAIL FROM:<someone@sender.test> RET", /^501 .*RET parameter requires a value/],
+      [`MAIL FROM:<someone@sender.test> ENVID=${"x".repeat(101)}`, /^501 5\.5\.4 ENVID .*100/],
+      ["MAIL FROM:<someone@sender.test> ENVID=caf+E9", /^501 5\.5\.4 ENVID .*US-ASCII/],
+    ];
+    for (const [line, refusal] of refusals) expect(await client.command(line), line).toMatch(refusal);
+    expect(await client.command("MAIL FROM:<someone@sender.test> ENVID=ok")).toMatch(/^250/);
+    const rcptRefusals: [string, RegExp][] = [
+      ["RCPT TO:<ghost@home.test> NOTIFY=NEVER,SUCCESS", /^501 .*NOTIFY=NEVER cannot be combined/],
+      ["RCPT TO:<ghost@home.test> NOTIFY=SOMETIMES", /^501 .*NOTIFY parameter must be/],
+      ["RCPT TO:<ghost@home.test> ORCPT=ghost@home.test", /^501 .*ORCPT/],
+      [`RCPT TO:<ghost@home.test> ORCPT=rfc822;${"g".repeat(500)}@home.test`, /^501 5\.5\.4 ORCPT .*500/],
+      ["RCPT TO:<ghost@home.test> NOTIFY=FAILURE NOTIFY=DELAY", /^501 .*duplicate NOTIFY/],
+    ];
+    for (const [line, refusal] of rcptRefusals) expect(await client.command(line), line).toMatch(refusal);
+    expect(await client.command("DATA")).toMatch(/^503/);
+    client.close();
+    expect(edge.agent.spool.store.size).toBe(0);
+
+    // ghost@ is refused for good by home's server: NOTIFY=NEVER means no DSN; NOTIFY=FAILURE a DSN
+    // with the ORCPT and ENVID quoted, and a note that the sealed message cannot be returned.
+    await spool(edge.smtpPort, "never@sender.test", ["<ghost@home.test> NOTIFY=never"], "never");
+    await spool(
+      edge.smtpPort,
+      "tell@sender.test",
+      [
+        "<ghost@home.test> NOTIFY=FAILURE ORCPT=rfc822;Ghost+2Borig@home.test",
+        "<alice@home.test> NOTIFY=SUCCESS",
+      ],
+      "tell",
+      " RET=HDRS ENVID=env+2B42",
+    );
+    // A file spooled before the edge offered DSN: parameters nobody checked (lower case, invalid).
+    const spoolKey = decodeKey(edge.agent.state.homes()[0]!.spoolPublicKey, "spool key");
+    const oldId = `old-${Date.now().toString(36)}`;
+    const sealer = new SpoolSealer({
+      spoolPublicKey: spoolKey,
+      id: oldId,
+      receivedAt: new Date(),
+      envelope: {
+        mailFrom: "old@sender.test",
+        mailParams: { RET: "everything" },
+        rcptTo: [
+          { address: "alice@home.test", params: { NOTIFY: "whenever" } },
+          { address: "ghost@home.test", params: {} },
+        ],
+      },
+      client: { address: "127.0.0.2", port: 25000, helo: "client.example", tls: false },
+      extra: { homeKey: edge.agent.state.homes()[0]!.publicKey },
+    });
+    const { store } = edge.agent.spool;
+    const writer = await SpoolFileWriter.create(store.dir, sealer, { tmpDir: store.tmpDir });
+    await writer.write(Buffer.from("From: <old@sender.test>\r\nSubject: old\r\n\r\nhello\r\n"));
+    const committed = await writer.commit();
+    await store.add(committed.path);
+    await store.setAuth(oldId, {
+      spf: "pass",
+      dkimAligned: false,
+      dsnAllowed: true,
+      checkedAt: new Date().toISOString(),
+    });
+    await waitFor(() => (store.list().every((e) => e.auth) ? true : undefined), {
+      what: "sender checks stored",
+    });
+    expect(store.size).toBe(3);
+    const neverId = store.list().find((e) => e.header.envelope.mailFrom === "never@sender.test")!.id;
+    expect(
+      store.list().find((e) => e.header.envelope.mailFrom === "never@sender.test")?.header.envelope.rcptTo,
+    ).toEqual([{ address: "ghost@home.test", params: { NOTIFY: "NEVER" } }]);
+
+    await startTestHome(home.dir, overrides);
+    await waitFor(() => (store.size === 0 ? true : undefined), { what: "spool empty", timeoutMs: 30_000 });
+    const dsnTo = (sender: string) => remote.messages.filter((m) => m.to.includes(sender));
+    const told = await waitFor(() => dsnTo("tell@sender.test")[0], { what: "the DSN for tell@" });
+    const text = told.data.toString("utf8");
+    expect(text).toMatch(/^Original-Envelope-Id: env\+42\r?$/m);
+    expect(text).toMatch(/^Original-Recipient: rfc822;Ghost\+orig@home\.test\r?$/m);
+    expect(text).toMatch(/Final-Recipient: rfc822; ?ghost@home\.test/);
+    expect(text).not.toMatch(/Final-Recipient: rfc822; ?alice@/);
+    expect(text).toMatch(/its headers cannot be returned \(RET=HDRS\)/);
+    // The old file: alice@ delivered without the unreadable NOTIFY/RET, ghost@ bounced (no NOTIFY: failures are reported).
+    const old = await waitFor(() => dsnTo("old@sender.test")[0], { what: "the DSN for the old file" });
+    expect(old.data.toString("utf8")).toMatch(/Final-Recipient: rfc822; ?ghost@home\.test/);
+    expect(copies(mta.transactions, "old", "alice@home.test")).toBe(1);
+    const oldAlice = mta.transactions.find(
+      (t) => t.subject === "old" && t.rcpts[0]?.address === "alice@home.test",
+    );
+    expect(oldAlice?.rcpts[0]?.notify).toBeUndefined();
+    expect(oldAlice?.mailArgs.ret).toBeUndefined();
+    // ENVID and RET went on to home's server with the message, so its own notices carry them.
+    const tellAlice = mta.transactions.find(
+      (t) => t.subject === "tell" && t.rcpts[0]?.address === "alice@home.test",
+    );
+    expect(tellAlice?.mailArgs).toEqual({ ret: "HDRS", envid: "env+42" });
+    expect(tellAlice?.rcpts[0]?.notify).toBe("SUCCESS");
+    // NOTIFY=NEVER: no DSN, although the sender was authenticated (every queued DSN has gone out).
+    await waitFor(() => (edge.agent.outbound.size === 0 ? true : undefined), {
+      what: "outbound queue empty",
+    });
+    expect(dsnTo("never@sender.test")).toHaveLength(0);
+    expect(await readdir(join(edge.dir, "spool", "quarantine")).catch(() => [])).not.toContain(
+      `${neverId}.spool`,
+    );
   });
 });

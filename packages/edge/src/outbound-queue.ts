@@ -25,6 +25,7 @@ import {
   type MuxStream,
   readCaFile,
   TokenBucket,
+  wantsFailureDsn,
   writeFileAtomic,
 } from "@mxtunnel/shared";
 import addressparser from "nodemailer/lib/addressparser";
@@ -841,8 +842,7 @@ export class OutboundQueue {
 
 /** NOTIFY=NEVER, or a NOTIFY list without FAILURE, asks for no failure DSN (RFC 3461). */
 function wantsFailureNotice(r: QueueRecipient): boolean {
-  const notify = r.params.NOTIFY?.toUpperCase();
-  return notify === undefined || notify.split(",").includes("FAILURE");
+  return wantsFailureDsn(r.params.NOTIFY);
 }
 
 /**

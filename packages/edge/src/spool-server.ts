@@ -101,6 +101,10 @@ export class SpoolServer {
       disableReverseLookup: true,
       authOptional: true,
       size: config.spool.defaultMessageSizeLimit,
+      // DSN (RFC 3461), as Postfix at home offers it: smtp-server checks RET, NOTIFY and ORCPT's
+      // syntax (501 otherwise), dsnParamProblem the lengths; the spool header keeps them for home's
+      // Postfix and for the edge's own DSNs.
+      hideDSN: false,
       socketTimeout: config.limits.idleTimeout,
       closeTimeout: 1000,
       logger: false,
@@ -114,7 +118,12 @@ export class SpoolServer {
         this.clocks.get(session.id)?.watch(socket);
         callback();
       },
-      onMailFrom: (_address, session, callback) => {
+      onMailFrom: (address, session, callback) => {
+        const problem = dsnParamProblem(address.args, "ENVID", 100);
+        if (problem) {
+          callback(reply(501, problem));
+          return;
+        }
         this.sessions.set(session, {});
         if (!this.perIp.take(session.remoteAddress)) {
           callback(reply(421, "4.7.0 Too many messages from your address, try again later"));
@@ -123,6 +132,11 @@ export class SpoolServer {
         callback();
       },
       onRcptTo: (address, session, callback) => {
+        const problem = dsnParamProblem(address.args, "ORCPT", 500);
+        if (problem) {
+          callback(reply(501, problem));
+          return;
+        }
         try {
           this.checkRecipient(address.address, session);
           callback();
@@ -312,14 +326,30 @@ export class SpoolServer {
   }
 }
 
+/** Parameters as the spool header keeps them: names upper-case, RET and NOTIFY values too. */
 function stringParams(args: unknown): Record<string, string> {
   const out: Record<string, string> = {};
   if (args && typeof args === "object") {
     for (const [key, value] of Object.entries(args as Record<string, unknown>)) {
-      out[key.toUpperCase()] = value === true ? "" : String(value);
+      const name = key.toUpperCase();
+      const text = value === true ? "" : String(value);
+      out[name] = name === "RET" || name === "NOTIFY" ? text.toUpperCase() : text;
     }
   }
   return out;
+}
+
+/**
+ * ENVID and ORCPT (xtext, already decoded by smtp-server, which refuses control characters) must be
+ * printable US-ASCII and at most 100 and 500 characters (RFC 3461 §4.4, §4.2): they go into DSNs and
+ * home's MAIL/RCPT commands. Returns the reply text for a bad one.
+ */
+function dsnParamProblem(args: unknown, name: "ENVID" | "ORCPT", maxLength: number): string | undefined {
+  const value = args && typeof args === "object" ? (args as Record<string, unknown>)[name] : undefined;
+  if (typeof value !== "string") return undefined;
+  if (value.length > maxLength) return `5.5.4 ${name} parameter longer than ${maxLength} characters`;
+  if (!/^[\x20-\x7e]+$/.test(value)) return `5.5.4 ${name} parameter must be printable US-ASCII`;
+  return undefined;
 }
 
 /**

@@ -2,9 +2,12 @@
 // it expired): a DSN to the envelope sender when that sender was authenticated at spool time (SPF
 // or aligned DKIM), quarantine otherwise. A backup MX must not send backscatter to forged senders.
 // The same rule holds for some recipients of a message Postfix took for the others.
+// The sender's DSN parameters (RFC 3461, kept in the spool header) are honoured: a recipient whose
+// NOTIFY is NEVER or leaves out FAILURE gets no DSN; ORCPT and ENVID are quoted. RET=HDRS/FULL cannot
+// be: the message is sealed to home's key, so the DSN quotes the envelope and says so.
 import { copyFile, readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { buildDsn, fsyncDirectory, type Logger, writeFileAtomic } from "@mxtunnel/shared";
+import { buildDsn, fsyncDirectory, type Logger, wantsFailureDsn, writeFileAtomic } from "@mxtunnel/shared";
 import type { SpoolEntry, SpoolStore } from "./spool-store.js";
 
 /** A recipient that failed for good, with the reply that says why. */
@@ -36,7 +39,7 @@ export async function handleUndeliverable(options: {
   hostname: string;
   homeName: string;
   logger: Logger;
-}): Promise<"dsn" | "quarantined"> {
+}): Promise<"dsn" | "quarantined" | "not-requested"> {
   const { entry, reason, store, logger } = options;
   const { envelope } = entry.header;
   const failed =
@@ -55,8 +58,26 @@ export async function handleUndeliverable(options: {
     else await store.quarantine(entry.id, `${reason}; ${why}`);
     return "quarantined";
   }
+  const paramsOf = (address: string) => envelope.rcptTo.find((r) => r.address === address)?.params ?? {};
+  const unwanted = failed.filter((f) => !wantsFailureDsn(paramsOf(f.address).NOTIFY));
+  if (unwanted.length > 0) {
+    logger.warn(
+      {
+        id: entry.id,
+        recipients: unwanted.map((f) => ({ address: f.address, notify: paramsOf(f.address).NOTIFY })),
+        reason,
+      },
+      "spooled message undeliverable: the sender's NOTIFY asks for no failure DSN for these recipients",
+    );
+  }
+  const reported = failed.filter((f) => !unwanted.includes(f));
+  if (reported.length === 0) {
+    if (!options.partial) await store.remove(entry.id);
+    return "not-requested";
+  }
   // The edge cannot read the sealed message, so the DSN quotes what it knows in the clear: the
   // envelope. That is enough for the sender to recognise the message.
+  const ret = envelope.mailParams.RET?.toUpperCase();
   const original = Buffer.from(
     `X-Original-Envelope-From: <${envelope.mailFrom}>\r\nX-Original-Envelope-To: ${envelope.rcptTo.map((r) => `<${r.address}>`).join(", ")}\r\nX-Spool-Id: ${entry.id}\r\n\r\n`,
   );
@@ -66,11 +87,15 @@ export async function handleUndeliverable(options: {
     original,
     arrivalDate: new Date(entry.receivedAt),
     envelopeId: envelope.mailParams.ENVID,
-    recipients: failed.map(({ address, diagnostic }) => {
+    note: [
+      "The message was held by this backup MX sealed to the recipient's server, which alone can",
+      `read it: ${ret === "FULL" ? "it cannot be returned (RET=FULL)" : ret === "HDRS" ? "its headers cannot be returned (RET=HDRS)" : "its content and headers cannot be returned"}. Its envelope is quoted below.`,
+    ],
+    recipients: reported.map(({ address, diagnostic }) => {
       const status = /\b([245]\.\d{1,3}\.\d{1,3})\b/.exec(diagnostic)?.[1] ?? "5.0.0";
       return {
         address,
-        originalRecipient: envelope.rcptTo.find((r) => r.address === address)?.params.ORCPT,
+        originalRecipient: paramsOf(address).ORCPT,
         action: "failed" as const,
         status: status.startsWith("5") ? status : "5.0.0",
         diagnostic,
@@ -83,7 +108,7 @@ export async function handleUndeliverable(options: {
   });
   if (!options.partial) await store.remove(entry.id);
   logger.warn(
-    { id: entry.id, dsn: id, reason, recipients: failed.length, partial: Boolean(options.partial) },
+    { id: entry.id, dsn: id, reason, recipients: reported.length, partial: Boolean(options.partial) },
     "spooled message undeliverable: DSN queued to the sender",
   );
   return "dsn";

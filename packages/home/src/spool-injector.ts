@@ -14,6 +14,7 @@ import {
   keyFingerprint,
   type Logger,
   type MuxStream,
+  parseNotify,
   parseSpoolHeader,
   proxyAddresses,
   ResetCode,
@@ -371,12 +372,20 @@ function requestedRecipients(header: SpoolHeader, only: unknown): Recipient[] {
 function groupByDsnParams(recipients: Recipient[]): Recipient[][] {
   const groups = new Map<string, Recipient[]>();
   for (const r of recipients) {
-    const key = JSON.stringify([r.params.NOTIFY ?? null, r.params.ORCPT ?? null]);
+    const key = JSON.stringify([notifyParam(r) ?? null, r.params.ORCPT ?? null]);
     const group = groups.get(key);
     if (group) group.push(r);
     else groups.set(key, [r]);
   }
   return [...groups.values()];
+}
+
+/** A recipient's NOTIFY in canonical form ("FAILURE,DELAY", "NEVER"); undefined when absent or invalid. */
+function notifyParam(recipient: Recipient): string | undefined {
+  if (recipient.params.NOTIFY === undefined) return undefined;
+  const kinds = parseNotify(recipient.params.NOTIFY);
+  if (!kinds) return undefined;
+  return kinds.length ? kinds.join(",") : "NEVER";
 }
 
 async function readAll(stream: Readable): Promise<Buffer> {
@@ -385,12 +394,18 @@ async function readAll(stream: Readable): Promise<Buffer> {
   return Buffer.concat(chunks);
 }
 
+/**
+ * The sender's DSN parameters for Postfix, so its own notices (SUCCESS, DELAY, and failures after it
+ * took the message) carry them. Files spooled before the edge offered DSN were not checked: a RET or
+ * NOTIFY that is not valid is left out (nodemailer would refuse the whole transaction).
+ */
 function dsnOptions(header: SpoolHeader, recipient: Recipient): { dsn?: Record<string, string | string[]> } {
   const { mailParams } = header.envelope;
   const dsn: Record<string, string | string[]> = {};
-  if (mailParams.RET) dsn.ret = mailParams.RET;
+  const ret = mailParams.RET?.toUpperCase();
+  if (ret === "FULL" || ret === "HDRS") dsn.ret = ret;
   if (mailParams.ENVID) dsn.envid = mailParams.ENVID;
-  const notify = recipient.params.NOTIFY;
+  const notify = notifyParam(recipient);
   if (notify) dsn.notify = notify.split(",");
   // smtp-server decoded ORCPT's xtext when the edge received it; nodemailer encodes it again.
   const orcpt = recipient.params.ORCPT;

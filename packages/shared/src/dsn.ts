@@ -33,6 +33,8 @@ export interface DsnOptions {
   envelopeId?: string | undefined;
   /** RET=FULL asks for the whole message back; by default only its headers are returned. */
   returnFull?: boolean | undefined;
+  /** Lines added to the human-readable part after the recipients (e.g. why the message is not attached). */
+  note?: string[] | undefined;
   /** For reproducible tests. */
   now?: Date | undefined;
   boundary?: string | undefined;
@@ -65,6 +67,27 @@ export function headerBlock(message: Uint8Array): string {
 }
 
 const STATUS = /^[245]\.\d{1,3}\.\d{1,3}$/;
+
+export type DsnNotifyKind = "SUCCESS" | "FAILURE" | "DELAY";
+
+/**
+ * An RCPT's NOTIFY parameter (RFC 3461 §4.1) as received, in any case: the kinds it asks for, [] for
+ * NEVER. Without NOTIFY an MTA reports failures (and may report delays): ["FAILURE", "DELAY"].
+ * undefined when the value is not valid NOTIFY (a file spooled before the edge offered DSN may hold
+ * one, since nothing checked it then).
+ */
+export function parseNotify(notify: string | undefined): DsnNotifyKind[] | undefined {
+  if (notify === undefined) return ["FAILURE", "DELAY"];
+  const values = notify.toUpperCase().split(",");
+  if (values.length === 1 && values[0] === "NEVER") return [];
+  if (!values.every((v) => v === "SUCCESS" || v === "FAILURE" || v === "DELAY")) return undefined;
+  return [...new Set(values as DsnNotifyKind[])];
+}
+
+/** Whether a recipient's NOTIFY asks for a failure DSN; an unreadable NOTIFY counts as absent. */
+export function wantsFailureDsn(notify: string | undefined): boolean {
+  return (parseNotify(notify) ?? parseNotify(undefined)!).includes("FAILURE");
+}
 
 /** Builds the DSN message (CRLF line ends), ready to send with MAIL FROM:<> to `options.sender`. */
 export function buildDsn(options: DsnOptions): Buffer {
@@ -109,6 +132,10 @@ export function buildDsn(options: DsnOptions): Buffer {
   }
   for (const r of recipients.filter((x) => x.action !== "failed" && x.action !== "delayed")) {
     human.push(`<${r.address}>: ${r.action}`);
+  }
+  if (options.note?.length) {
+    for (const line of options.note) fieldText(line, "note");
+    human.push("", ...options.note);
   }
 
   const perMessage = [`Reporting-MTA: dns; ${reportingMta}`];

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { buildDsn, headerBlock, rfc5322Date } from "../src/dsn.js";
+import { buildDsn, headerBlock, parseNotify, rfc5322Date, wantsFailureDsn } from "../src/dsn.js";
 
 const original = Buffer.from(
   "From: alice@home.test\r\nTo: bob@remote.test\r\nSubject: hello\r\nMessage-ID: <m1@home.test>\r\n\r\nsecret body\r\n",
@@ -80,6 +80,29 @@ describe("DSN builder (RFC 3464)", () => {
       buildDsn({ ...base, recipients: [{ ...r[0]!, diagnostic: "x\r\nBcc: evil@x.test" }] }),
     ).toThrow(/line break/);
     expect(() => buildDsn({ ...base, sender: "a@b.test\r\nX: y", recipients: r })).toThrow(/line break/);
+  });
+
+  it("adds a note to the human-readable part, one line each, and refuses a line break in it", () => {
+    const r = [{ address: "bob@remote.test", action: "failed" as const, status: "5.1.1" }];
+    const dsn = buildDsn({ ...base, recipients: r, note: ["first line", "second line"] }).toString();
+    expect(dsn).toMatch(
+      /<bob@remote\.test>: status 5\.1\.1\r\n\r\nfirst line\r\nsecond line\r\n\r\n--B0UNDARY/,
+    );
+    expect(() => buildDsn({ ...base, recipients: r, note: ["a\r\nb"] })).toThrow(/note must not contain/);
+  });
+
+  it("reads NOTIFY as RFC 3461 defines it", () => {
+    expect(parseNotify(undefined)).toEqual(["FAILURE", "DELAY"]);
+    expect(parseNotify("never")).toEqual([]);
+    expect(parseNotify("Success,FAILURE,success")).toEqual(["SUCCESS", "FAILURE"]);
+    expect(parseNotify("NEVER,SUCCESS")).toBeUndefined();
+    expect(parseNotify("sometimes")).toBeUndefined();
+    expect(wantsFailureDsn(undefined)).toBe(true);
+    expect(wantsFailureDsn("DELAY,failure")).toBe(true);
+    expect(wantsFailureDsn("NEVER")).toBe(false);
+    expect(wantsFailureDsn("SUCCESS,DELAY")).toBe(false);
+    // Not valid NOTIFY (a file spooled before it was checked): as if absent.
+    expect(wantsFailureDsn("bogus")).toBe(true);
   });
 
   it("extracts header blocks and formats dates", () => {
