@@ -5,10 +5,9 @@
 import { readdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type Mailbox, startMailbox } from "../../demo/src/mailbox.js";
-import { cleanupAgents, makeEdge, makeHome, startTestHome, tempDir } from "../helpers/agents.js";
-import { startDnsServer as startTestDns, type TestDnsServer } from "../helpers/dns-server.js";
+import { cleanupAgents } from "../helpers/agents.js";
 import { smtpConnect } from "../helpers/smtp-client.js";
+import { edgeWithHomeAway, type Senders, spooledAndChecked, startSenders } from "../helpers/spool-senders.js";
 import { swaksTo } from "../helpers/swaks.js";
 import { type PostfixLab, startPostfix } from "./lab/postfix.js";
 import { requireTools } from "./lab/require-tools.js";
@@ -20,76 +19,63 @@ describe.skipIf(!ready)(
   "undeliverable spooled mail: DSN for authenticated senders, quarantine for forged ones",
   () => {
     let postfix: PostfixLab;
-    let dns: TestDnsServer;
-    let remote: Mailbox;
+    let senders: Senders;
 
     beforeAll(async () => {
       postfix = await startPostfix();
-      dns = await startTestDns({
-        "sender.test": { txt: ["v=spf1 ip4:127.0.0.2 -all"] },
-        "forged.test": { txt: ["v=spf1 ip4:192.0.2.1 -all"] },
-      });
-      remote = await startMailbox({ proxy: false });
+      senders = await startSenders();
     }, 120_000);
 
     afterAll(async () => {
       await cleanupAgents();
-      await remote?.close();
-      await dns?.stop();
+      await senders?.stop();
       await postfix?.stop();
     });
 
-    it("bounces to an SPF-authenticated sender and quarantines a forged one", async () => {
-      const recipients = join(await tempDir("rcpt"), "list");
-      // ghost@ is in the synced list but not a Postfix user: Postfix will refuse it with 550 5.1.1.
-      await writeFile(recipients, `alice@${postfix.domain}\nghost@${postfix.domain}\n`);
-      const edge = await makeEdge({
-        overrides: {
-          dnsServers: [dns.address],
-          transports: {
-            "sender.test": `127.0.0.1:${remote.port}`,
-            "forged.test": `127.0.0.1:${remote.port}`,
-          },
-          "spool.retryMin": 100,
-        },
+    /** An edge spooling for `users` of the Postfix lab, whose home has synced them and gone away. */
+    const homeAway = (users: string[], homeName: string, retryMax?: number) =>
+      edgeWithHomeAway(senders, {
+        recipients: users.map((u) => `${u}@${postfix.domain}`),
+        home: { "postfix.inject": `127.0.0.1:${postfix.injectPort}` },
+        homeName,
+        ...(retryMax === undefined ? {} : { retryMax }),
       });
-      const overrides = {
-        "postfix.inject": `127.0.0.1:${postfix.injectPort}`,
-        "recipients.file": recipients,
-      };
-      const home = await makeHome(await edge.token(), overrides, "dsn-home");
-      await waitFor(() => edge.agent.status().homes[0]?.recipients ?? false, { what: "recipient sync" });
-      await home.stop();
-      await waitFor(() => !edge.agent.status().homes[0]!.connected, { what: "home gone" });
+
+    /** swaks from 127.0.0.2, which sender.test's SPF allows and forged.test's does not. */
+    const sendFrom = (port: number, from: string, to: string, subject: string) =>
+      swaksTo(port, to, [
+        "--local-interface",
+        "127.0.0.2",
+        "--ehlo",
+        "client.example",
+        "--from",
+        from,
+        "--header",
+        `Subject: ${subject}`,
+      ]);
+
+    it("bounces to an SPF-authenticated sender and quarantines a forged one", async () => {
+      // ghost@ is in the synced list but not a Postfix user: Postfix will refuse it with 550 5.1.1.
+      const { edge, comeBack } = await homeAway(["alice", "ghost"], "dsn-home");
 
       for (const from of ["someone@sender.test", "liar@forged.test"]) {
-        const sent = await swaksTo(edge.smtpPort, `ghost@${postfix.domain}`, [
-          "--local-interface",
-          "127.0.0.2",
-          "--ehlo",
-          "client.example",
-          "--from",
+        const sent = await sendFrom(
+          edge.smtpPort,
           from,
-          "--header",
-          `Subject: to a ghost from ${from}`,
-        ]);
+          `ghost@${postfix.domain}`,
+          `to a ghost from ${from}`,
+        );
         expect(sent.code, sent.output).toBe(0);
         expect(sent.output).toMatch(/<- +250 .*backup MX/);
       }
-      const entries = await waitFor(
-        () => {
-          const list = edge.agent.spool.store.list();
-          return list.length === 2 && list.every((e) => e.auth) ? list : undefined;
-        },
-        { what: "sender checks stored" },
-      );
+      const entries = await spooledAndChecked(edge, 2);
       const bySender = new Map(entries.map((e) => [e.header.envelope.mailFrom, e]));
       expect(bySender.get("someone@sender.test")?.auth).toMatchObject({ spf: "pass", dsnAllowed: true });
       expect(bySender.get("liar@forged.test")?.auth).toMatchObject({ spf: "fail", dsnAllowed: false });
       const forgedId = bySender.get("liar@forged.test")!.id;
 
-      await startTestHome(home.dir, overrides);
-      const dsn = await waitFor(() => remote.messages.find((m) => m.to.includes("someone@sender.test")), {
+      await comeBack();
+      const dsn = await waitFor(() => senders.messagesTo("someone@sender.test")[0], {
         what: "the DSN at the sender's server",
         timeoutMs: 30_000,
       });
@@ -100,61 +86,28 @@ describe.skipIf(!ready)(
       expect(text).toMatch(/Status: 5\.1\.1/);
       await waitFor(() => edge.agent.spool.store.size === 0, { what: "spool empty" });
       expect(await readdir(join(edge.dir, "spool", "quarantine"))).toContain(`${forgedId}.spool`);
-      expect(remote.messages.filter((m) => m.to.includes("liar@forged.test"))).toHaveLength(0);
+      expect(senders.messagesTo("liar@forged.test")).toHaveLength(0);
     });
 
     it("delivers a message Postfix takes for some recipients once, and bounces or quarantines the rest", async () => {
-      const recipients = join(await tempDir("rcpt"), "list");
-      await writeFile(recipients, `alice@${postfix.domain}\nghost@${postfix.domain}\n`);
-      const edge = await makeEdge({
-        overrides: {
-          dnsServers: [dns.address],
-          transports: {
-            "sender.test": `127.0.0.1:${remote.port}`,
-            "forged.test": `127.0.0.1:${remote.port}`,
-          },
-          "spool.retryMin": 100,
-        },
-      });
-      const overrides = {
-        "postfix.inject": `127.0.0.1:${postfix.injectPort}`,
-        "recipients.file": recipients,
-      };
-      const home = await makeHome(await edge.token(), overrides, "partial-home");
-      await waitFor(() => edge.agent.status().homes[0]?.recipients ?? false, { what: "recipient sync" });
-      await home.stop();
-      await waitFor(() => !edge.agent.status().homes[0]!.connected, { what: "home gone" });
+      const { edge, comeBack } = await homeAway(["alice", "ghost"], "partial-home");
 
-      const dsnsBefore = remote.messages.filter((m) => m.to.includes("someone@sender.test")).length;
+      const dsnsBefore = senders.messagesTo("someone@sender.test").length;
       const tag = Date.now().toString(36);
+      const to = `alice@${postfix.domain},ghost@${postfix.domain}`;
       for (const from of ["someone@sender.test", "liar@forged.test"]) {
-        const sent = await swaksTo(edge.smtpPort, `alice@${postfix.domain},ghost@${postfix.domain}`, [
-          "--local-interface",
-          "127.0.0.2",
-          "--ehlo",
-          "client.example",
-          "--from",
-          from,
-          "--header",
-          `Subject: partly taken ${tag} from ${from}`,
-        ]);
+        const sent = await sendFrom(edge.smtpPort, from, to, `partly taken ${tag} from ${from}`);
         expect(sent.code, sent.output).toBe(0);
       }
-      const entries = await waitFor(
-        () => {
-          const list = edge.agent.spool.store.list();
-          return list.length === 2 && list.every((e) => e.auth) ? list : undefined;
-        },
-        { what: "sender checks stored" },
-      );
+      const entries = await spooledAndChecked(edge, 2);
       const forgedId = entries.find((e) => e.header.envelope.mailFrom === "liar@forged.test")!.id;
 
-      await startTestHome(home.dir, overrides);
+      await comeBack();
       await waitFor(() => edge.agent.spool.store.size === 0, { what: "spool empty", timeoutMs: 30_000 });
-      const dsn = await waitFor(
-        () => remote.messages.filter((m) => m.to.includes("someone@sender.test"))[dsnsBefore],
-        { what: "the DSN for ghost@ at the sender's server", timeoutMs: 30_000 },
-      );
+      const dsn = await waitFor(() => senders.messagesTo("someone@sender.test")[dsnsBefore], {
+        what: "the DSN for ghost@ at the sender's server",
+        timeoutMs: 30_000,
+      });
       const text = dsn.data.toString("utf8");
       expect(text).toMatch(/Final-Recipient: rfc822; ?ghost@home\.test/i);
       expect(text).not.toMatch(/Final-Recipient: rfc822; ?alice@/i);
@@ -170,7 +123,7 @@ describe.skipIf(!ready)(
       await edge.restart();
       expect(edge.agent.spool.store.size).toBe(0);
       expect(await mine()).toHaveLength(2);
-      expect(remote.messages.filter((m) => m.to.includes("liar@forged.test"))).toHaveLength(0);
+      expect(senders.messagesTo("liar@forged.test")).toHaveLength(0);
     });
 
     it("retries only the recipient Postfix deferred, also across an edge restart", async () => {
@@ -181,43 +134,17 @@ describe.skipIf(!ready)(
         "-e",
         `smtpd_recipient_restrictions=check_recipient_access texthash:${access}`,
       ]);
-      const recipients = join(await tempDir("rcpt"), "list");
-      await writeFile(recipients, ["alice", "bob", "ghost"].map((u) => `${u}@${postfix.domain}\n`).join(""));
-      const edge = await makeEdge({
-        overrides: {
-          dnsServers: [dns.address],
-          transports: { "sender.test": `127.0.0.1:${remote.port}` },
-          "spool.retryMin": 100,
-          "spool.retryMax": 300,
-        },
-      });
-      const overrides = {
-        "postfix.inject": `127.0.0.1:${postfix.injectPort}`,
-        "recipients.file": recipients,
-      };
-      const home = await makeHome(await edge.token(), overrides, "deferred-home");
-      await waitFor(() => edge.agent.status().homes[0]?.recipients ?? false, { what: "recipient sync" });
-      await home.stop();
-      await waitFor(() => !edge.agent.status().homes[0]!.connected, { what: "home gone" });
+      const { edge, comeBack } = await homeAway(["alice", "bob", "ghost"], "deferred-home", 300);
 
-      const dsnsBefore = remote.messages.filter((m) => m.to.includes("someone@sender.test")).length;
+      const dsnsBefore = senders.messagesTo("someone@sender.test").length;
       const tag = `deferred ${Date.now().toString(36)}`;
       const to = ["alice", "bob", "ghost"].map((u) => `${u}@${postfix.domain}`).join(",");
-      const sent = await swaksTo(edge.smtpPort, to, [
-        "--local-interface",
-        "127.0.0.2",
-        "--ehlo",
-        "client.example",
-        "--from",
-        "someone@sender.test",
-        "--header",
-        `Subject: ${tag}`,
-      ]);
+      const sent = await sendFrom(edge.smtpPort, "someone@sender.test", to, tag);
       expect(sent.code, sent.output).toBe(0);
       const id = (await waitFor(() => edge.agent.spool.store.list().find((e) => e.auth), { what: "spooled" }))
         .id;
 
-      await startTestHome(home.dir, overrides);
+      await comeBack();
       const entry = await waitFor(
         () => {
           const e = edge.agent.spool.store.get(id);
@@ -226,10 +153,10 @@ describe.skipIf(!ready)(
         { what: "bob@ retried", timeoutMs: 30_000 },
       );
       expect(entry.remaining).toEqual([`bob@${postfix.domain}`]);
-      const dsn = await waitFor(
-        () => remote.messages.filter((m) => m.to.includes("someone@sender.test"))[dsnsBefore],
-        { what: "the DSN for ghost@", timeoutMs: 30_000 },
-      );
+      const dsn = await waitFor(() => senders.messagesTo("someone@sender.test")[dsnsBefore], {
+        what: "the DSN for ghost@",
+        timeoutMs: 30_000,
+      });
       expect(dsn.data.toString("utf8")).toMatch(/Final-Recipient: rfc822; ?ghost@home\.test/i);
       expect(dsn.data.toString("utf8")).not.toMatch(/Final-Recipient: rfc822; ?(alice|bob)@/i);
 
@@ -246,30 +173,12 @@ describe.skipIf(!ready)(
       });
       expect(await copies("alice")).toBe(1);
       expect(await copies("bob")).toBe(1);
-      expect(remote.messages.filter((m) => m.to.includes("someone@sender.test"))).toHaveLength(
-        dsnsBefore + 1,
-      );
+      expect(senders.messagesTo("someone@sender.test")).toHaveLength(dsnsBefore + 1);
       await postfix.postconf(["-e", "smtpd_recipient_restrictions="]);
     });
 
     it("carries the sender's DSN parameters: Postfix's success notice and the edge's failure DSN quote ENVID and ORCPT", async () => {
-      const recipients = join(await tempDir("rcpt"), "list");
-      await writeFile(recipients, `alice@${postfix.domain}\nghost@${postfix.domain}\n`);
-      const edge = await makeEdge({
-        overrides: {
-          dnsServers: [dns.address],
-          transports: { "sender.test": `127.0.0.1:${remote.port}` },
-          "spool.retryMin": 100,
-        },
-      });
-      const overrides = {
-        "postfix.inject": `127.0.0.1:${postfix.injectPort}`,
-        "recipients.file": recipients,
-      };
-      const home = await makeHome(await edge.token(), overrides, "dsn-params-home");
-      await waitFor(() => edge.agent.status().homes[0]?.recipients ?? false, { what: "recipient sync" });
-      await home.stop();
-      await waitFor(() => !edge.agent.status().homes[0]!.connected, { what: "home gone" });
+      const { edge, comeBack } = await homeAway(["alice", "ghost"], "dsn-params-home");
 
       const tag = Date.now().toString(36);
       const { client } = await smtpConnect(edge.smtpPort);
@@ -294,15 +203,9 @@ describe.skipIf(!ready)(
         expect(await client.command(`Subject: ${m.subject}\r\n\r\nhello\r\n.`)).toMatch(/^250 .*backup MX/);
       }
       client.close();
-      await waitFor(
-        () => {
-          const list = edge.agent.spool.store.list();
-          return list.length === 2 && list.every((e) => e.auth) ? true : undefined;
-        },
-        { what: "sender checks stored" },
-      );
+      await spooledAndChecked(edge, 2);
 
-      await startTestHome(home.dir, overrides);
+      await comeBack();
       await waitFor(() => edge.agent.spool.store.size === 0, { what: "spool empty", timeoutMs: 30_000 });
       // Postfix delivered to alice@ and, as NOTIFY=SUCCESS asked, told bob@ with ENVID and ORCPT.
       const notice = await waitFor(
@@ -315,7 +218,7 @@ describe.skipIf(!ready)(
         new RegExp(`Original-Recipient: rfc822; ?first\\.alice@${postfix.domain.replace(/\./g, "\\.")}`),
       );
       // The edge's own DSN for ghost@ quotes them as well.
-      const dsn = await waitFor(() => remote.messages.find((m) => m.to.includes("params@sender.test")), {
+      const dsn = await waitFor(() => senders.messagesTo("params@sender.test")[0], {
         what: "the edge's DSN for ghost@",
         timeoutMs: 30_000,
       });

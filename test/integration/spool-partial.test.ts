@@ -3,16 +3,15 @@
 // authenticated (quarantine otherwise), the deferred ones are retried alone; and every recipient
 // keeps its own DSN parameters (NOTIFY, ORCPT). Home's "Postfix" is an smtp-server here, so the test
 // can script each recipient's answer and see every RCPT's parameters.
-import { readdir, readFile, writeFile } from "node:fs/promises";
+import { readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { decodeKey, SpoolFileWriter, SpoolSealer } from "@mxtunnel/shared";
 import { SMTPServer } from "smtp-server";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type Mailbox, startMailbox } from "../../demo/src/mailbox.js";
 import { waitFor } from "../e2e/lab/wait.js";
-import { cleanupAgents, makeEdge, makeHome, startTestHome, tempDir } from "../helpers/agents.js";
-import { startDnsServer, type TestDnsServer } from "../helpers/dns-server.js";
+import { cleanupAgents } from "../helpers/agents.js";
 import { smtpConnect } from "../helpers/smtp-client.js";
+import { edgeWithHomeAway, type Senders, spooledAndChecked, startSenders } from "../helpers/spool-senders.js";
 
 interface Transaction {
   from: string;
@@ -106,45 +105,30 @@ function copies(transactions: Transaction[], subject: string, address: string): 
 
 describe("spooled mail taken for some recipients only", () => {
   let mta: Awaited<ReturnType<typeof startHomeMta>>;
-  let dns: TestDnsServer;
-  let remote: Mailbox;
+  let senders: Senders;
 
   beforeAll(async () => {
     mta = await startHomeMta();
-    dns = await startDnsServer({
-      "sender.test": { txt: ["v=spf1 ip4:127.0.0.2 -all"] },
-      "forged.test": { txt: ["v=spf1 ip4:192.0.2.1 -all"] },
-    });
-    remote = await startMailbox({ proxy: false });
+    senders = await startSenders();
   }, 60_000);
 
   afterAll(async () => {
     await cleanupAgents();
-    await remote?.close();
-    await dns?.stop();
+    await senders?.stop();
     await mta?.close();
   });
 
-  it("delivers once, bounces or quarantines the refused, retries only the deferred, per-recipient NOTIFY", async () => {
-    const recipients = join(await tempDir("rcpt"), "list");
-    await writeFile(recipients, ["alice", "bob", "ghost", "later"].map((u) => `${u}@home.test\n`).join(""));
-    const edge = await makeEdge({
-      overrides: {
-        dnsServers: [dns.address],
-        transports: { "sender.test": `127.0.0.1:${remote.port}`, "forged.test": `127.0.0.1:${remote.port}` },
-        "spool.retryMin": 100,
-        "spool.retryMax": 200,
-      },
+  /** An edge spooling for `users` @home.test, whose home (injecting into `mta`) synced them and went away. */
+  const homeAway = (users: string[], homeName: string) =>
+    edgeWithHomeAway(senders, {
+      recipients: users.map((u) => `${u}@home.test`),
+      home: { "postfix.inject": `127.0.0.1:${mta.port}`, "postfix.proxyProtocol": "off" },
+      homeName,
+      retryMax: 200,
     });
-    const overrides = {
-      "postfix.inject": `127.0.0.1:${mta.port}`,
-      "postfix.proxyProtocol": "off",
-      "recipients.file": recipients,
-    };
-    const home = await makeHome(await edge.token(), overrides, "partial-home");
-    await waitFor(() => edge.agent.status().homes[0]?.recipients ?? false, { what: "recipient sync" });
-    await home.stop();
-    await waitFor(() => !edge.agent.status().homes[0]!.connected, { what: "home gone" });
+
+  it("delivers once, bounces or quarantines the refused, retries only the deferred, per-recipient NOTIFY", async () => {
+    const { edge, comeBack } = await homeAway(["alice", "bob", "ghost", "later"], "partial-home");
 
     await spool(
       edge.smtpPort,
@@ -158,20 +142,14 @@ describe("spooled mail taken for some recipients only", () => {
       "authenticated",
     );
     await spool(edge.smtpPort, "liar@forged.test", ["<alice@home.test>", "<ghost@home.test>"], "forged");
-    const entries = await waitFor(
-      () => {
-        const list = edge.agent.spool.store.list();
-        return list.length === 2 && list.every((e) => e.auth) ? list : undefined;
-      },
-      { what: "sender checks stored" },
-    );
+    const entries = await spooledAndChecked(edge, 2);
     const bySender = new Map(entries.map((e) => [e.header.envelope.mailFrom, e]));
     const authenticatedId = bySender.get("someone@sender.test")!.id;
     const forgedId = bySender.get("liar@forged.test")!.id;
 
-    await startTestHome(home.dir, overrides);
+    await comeBack();
     // ghost@ failed for good: a DSN to the authenticated sender, naming ghost@ alone.
-    const dsn = await waitFor(() => remote.messages.find((m) => m.to.includes("someone@sender.test")), {
+    const dsn = await waitFor(() => senders.messagesTo("someone@sender.test")[0], {
       what: "the DSN at the sender's server",
       timeoutMs: 30_000,
     });
@@ -190,7 +168,7 @@ describe("spooled mail taken for some recipients only", () => {
     expect(await readFile(join(quarantine, `${forgedId}.partial.reason`), "utf8")).toMatch(
       /<ghost@home\.test>: 550 5\.1\.1 .*not authenticated/,
     );
-    expect(remote.messages.filter((m) => m.to.includes("liar@forged.test"))).toHaveLength(0);
+    expect(senders.messagesTo("liar@forged.test")).toHaveLength(0);
     expect(copies(mta.transactions, "forged", "alice@home.test")).toBe(1);
 
     // later@ was deferred: only it stays to be retried, and retries go to it alone.
@@ -229,29 +207,11 @@ describe("spooled mail taken for some recipients only", () => {
     );
     expect(retried?.rcpts).toEqual([{ address: "later@home.test", notify: undefined, orcpt: undefined }]);
     expect(copies(mta.transactions, "authenticated", "ghost@home.test")).toBe(0);
-    expect(remote.messages.filter((m) => m.to.includes("someone@sender.test"))).toHaveLength(1);
+    expect(senders.messagesTo("someone@sender.test")).toHaveLength(1);
   });
 
   it("offers DSN, refuses bad DSN parameters, honours NOTIFY, ORCPT, ENVID and RET; old files still drain", async () => {
-    const recipients = join(await tempDir("rcpt"), "list");
-    await writeFile(recipients, ["alice", "ghost"].map((u) => `${u}@home.test\n`).join(""));
-    const edge = await makeEdge({
-      overrides: {
-        dnsServers: [dns.address],
-        transports: { "sender.test": `127.0.0.1:${remote.port}` },
-        "spool.retryMin": 100,
-        "spool.retryMax": 200,
-      },
-    });
-    const overrides = {
-      "postfix.inject": `127.0.0.1:${mta.port}`,
-      "postfix.proxyProtocol": "off",
-      "recipients.file": recipients,
-    };
-    const home = await makeHome(await edge.token(), overrides, "dsn-params-home");
-    await waitFor(() => edge.agent.status().homes[0]?.recipients ?? false, { what: "recipient sync" });
-    await home.stop();
-    await waitFor(() => !edge.agent.status().homes[0]!.connected, { what: "home gone" });
+    const { edge, comeBack } = await homeAway(["alice", "ghost"], "dsn-params-home");
 
     // EHLO lists DSN; bad DSN parameters get a 501 and spool nothing.
     const { client } = await smtpConnect(edge.smtpPort);
@@ -327,10 +287,11 @@ describe("spooled mail taken for some recipients only", () => {
       store.list().find((e) => e.header.envelope.mailFrom === "never@sender.test")?.header.envelope.rcptTo,
     ).toEqual([{ address: "ghost@home.test", params: { NOTIFY: "NEVER" } }]);
 
-    await startTestHome(home.dir, overrides);
+    await comeBack();
     await waitFor(() => (store.size === 0 ? true : undefined), { what: "spool empty", timeoutMs: 30_000 });
-    const dsnTo = (sender: string) => remote.messages.filter((m) => m.to.includes(sender));
-    const told = await waitFor(() => dsnTo("tell@sender.test")[0], { what: "the DSN for tell@" });
+    const told = await waitFor(() => senders.messagesTo("tell@sender.test")[0], {
+      what: "the DSN for tell@",
+    });
     const text = told.data.toString("utf8");
     expect(text).toMatch(/^Original-Envelope-Id: env\+42\r?$/m);
     expect(text).toMatch(/^Original-Recipient: rfc822;Ghost\+orig@home\.test\r?$/m);
@@ -338,7 +299,9 @@ describe("spooled mail taken for some recipients only", () => {
     expect(text).not.toMatch(/Final-Recipient: rfc822; ?alice@/);
     expect(text).toMatch(/its headers cannot be returned \(RET=HDRS\)/);
     // The old file: alice@ delivered without the unreadable NOTIFY/RET, ghost@ bounced (no NOTIFY: failures are reported).
-    const old = await waitFor(() => dsnTo("old@sender.test")[0], { what: "the DSN for the old file" });
+    const old = await waitFor(() => senders.messagesTo("old@sender.test")[0], {
+      what: "the DSN for the old file",
+    });
     expect(old.data.toString("utf8")).toMatch(/Final-Recipient: rfc822; ?ghost@home\.test/);
     expect(copies(mta.transactions, "old", "alice@home.test")).toBe(1);
     const oldAlice = mta.transactions.find(
@@ -356,7 +319,7 @@ describe("spooled mail taken for some recipients only", () => {
     await waitFor(() => (edge.agent.outbound.size === 0 ? true : undefined), {
       what: "outbound queue empty",
     });
-    expect(dsnTo("never@sender.test")).toHaveLength(0);
+    expect(senders.messagesTo("never@sender.test")).toHaveLength(0);
     expect(await readdir(join(edge.dir, "spool", "quarantine")).catch(() => [])).not.toContain(
       `${neverId}.spool`,
     );

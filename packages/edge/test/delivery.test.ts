@@ -54,6 +54,7 @@ function deliverer(options: {
   transports?: Record<string, HostPort>;
   dnsServers?: string[];
   requireTLS?: string[];
+  tlsCa?: string[];
 }) {
   return new Deliverer({
     hostname: "mx.edge.test",
@@ -63,8 +64,18 @@ function deliverer(options: {
     logger,
     connectTimeoutMs: 5000,
     commandTimeoutMs: 10_000,
+    ...(options.tlsCa ? { tlsCa: options.tlsCa } : {}),
   });
 }
+
+/** One small message from a@home.test to b@remote.test. */
+const toB = {
+  domain: "remote.test",
+  mailFrom: "a@home.test",
+  params: {},
+  recipients: [{ address: "b@remote.test", params: {} }],
+  message: Buffer.from("From: a@home.test\r\n\r\nx\r\n"),
+};
 
 describe("route lookup", () => {
   let dns: Awaited<ReturnType<typeof startDnsServer>>;
@@ -234,25 +245,13 @@ describe("delivery over SMTP", () => {
 
   it("defers when nothing listens, and when requireTLS meets a server without STARTTLS", async () => {
     const closed = await deliverer({ transports: { "remote.test": { host: "127.0.0.1", port: 9 } } }).deliver(
-      {
-        domain: "remote.test",
-        mailFrom: "a@home.test",
-        params: {},
-        recipients: [{ address: "b@remote.test", params: {} }],
-        message: Buffer.from("From: a@home.test\r\n\r\nx\r\n"),
-      },
+      toB,
     );
     expect(closed[0]?.outcome).toBe("deferred");
     const noTls = await deliverer({
       transports: { "remote.test": { host: "127.0.0.1", port: rx.port } },
       requireTLS: ["remote.test"],
-    }).deliver({
-      domain: "remote.test",
-      mailFrom: "a@home.test",
-      params: {},
-      recipients: [{ address: "b@remote.test", params: {} }],
-      message: Buffer.from("From: a@home.test\r\n\r\nx\r\n"),
-    });
+    }).deliver(toB);
     expect(noTls[0]?.outcome).toBe("deferred");
     expect(noTls[0]?.enhanced).toBe("4.7.10");
   });
@@ -344,22 +343,12 @@ describe("outbound TLS", () => {
   });
 
   const send = (options: { host: string; port: number; requireTLS: boolean; tlsCa?: string[] }) =>
-    new Deliverer({
-      hostname: "mx.edge.test",
+    deliverer({
       transports: { "remote.test": { host: options.host, port: options.port } },
       dnsServers: [dns.address],
       requireTLS: options.requireTLS ? ["remote.test"] : [],
-      logger,
-      connectTimeoutMs: 5000,
-      commandTimeoutMs: 10_000,
       ...(options.tlsCa ? { tlsCa: options.tlsCa } : {}),
-    }).deliver({
-      domain: "remote.test",
-      mailFrom: "a@home.test",
-      params: {},
-      recipients: [{ address: "b@remote.test", params: {} }],
-      message: Buffer.from("From: a@home.test\r\n\r\nx\r\n"),
-    });
+    }).deliver(toB);
 
   it("delivers to a requireTLS domain whose MX presents a certificate from the configured CA for its name", async () => {
     const results = await send({

@@ -1,6 +1,6 @@
 import { randomBytes } from "node:crypto";
 import { readdirSync } from "node:fs";
-import { mkdtemp, readdir, readFile, rm, stat } from "node:fs/promises";
+import { mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -426,28 +426,25 @@ describe("outbound queue", () => {
     expect(await h.relay(m, body)).toEqual({ status: "queued", id: m.id });
   });
 
-  it("drops an envelope without its body at start (written side by side, never answered)", async () => {
+  /** One committed entry, the queue stopped with `file` left beside it as a crash would, then a new start. */
+  async function restartWithStray(file: string, content: string): Promise<Harness> {
     const h = await harness(() => "deferred");
     const body = message();
     await h.relay(meta(body), body);
     await h.stop();
     harnesses.pop();
-    const { writeFile } = await import("node:fs/promises");
-    await writeFile(join(dir, "outbound", "feedfacefeedface.json"), "{}");
-    const again = await harness(() => "deferred");
+    await writeFile(join(dir, "outbound", file), content);
+    return harness(() => "deferred");
+  }
+
+  it("drops an envelope without its body at start (written side by side, never answered)", async () => {
+    const again = await restartWithStray("feedfacefeedface.json", "{}");
     expect(again.queue.size).toBe(1);
     expect((await readdir(join(dir, "outbound"))).includes("feedfacefeedface.json")).toBe(false);
   });
 
   it("drops a half-written body at start, keeps committed entries", async () => {
-    const h = await harness(() => "deferred");
-    const body = message();
-    await h.relay(meta(body), body);
-    await h.stop();
-    harnesses.pop();
-    const { writeFile } = await import("node:fs/promises");
-    await writeFile(join(dir, "outbound", "deadbeefdeadbeef.eml"), "partial");
-    const again = await harness(() => "deferred");
+    const again = await restartWithStray("deadbeefdeadbeef.eml", "partial");
     expect(again.queue.size).toBe(1);
     expect((await readdir(join(dir, "outbound"))).includes("deadbeefdeadbeef.eml")).toBe(false);
   });
