@@ -47,11 +47,23 @@ async function trickle(client: SmtpClient, text: string, intervalMs: number): Pr
 
 describe("spool mode: deadlines of their own, generous idle time", () => {
   let lab: SpoolLab;
+  let configured: Record<string, number>;
   beforeAll(async () => {
-    lab = await spoolLab({ "spool.messagesPerIpPerMinute": 100_000, "limits.maxConnectionsPerIp": 3 });
+    lab = await spoolLab({
+      "spool.messagesPerIpPerMinute": 100_000,
+      "limits.maxConnectionsPerIp": 3,
+      "spool.commandTimeout": "2s",
+      "spool.dataTimeout": "3m",
+    });
+    configured = { ...lab.edge.agent.spool.server.deadlines };
+    // Shorter than the config allows (at least 1s), so the cases below finish quickly.
     lab.edge.agent.spool.server.deadlines = { commandMs: 400, dataMs: 1500, halfCloseMs: 400 };
   }, 60_000);
   afterAll(cleanupAgents);
+
+  it("takes its deadlines from spool.commandTimeout and spool.dataTimeout", () => {
+    expect(configured).toEqual({ commandMs: 2_000, dataMs: 180_000, halfCloseMs: 5_000 });
+  });
 
   it("a command line trickled a byte at a time is cut at its deadline; an idle session is not", async () => {
     const idle = (await smtpConnect(lab.edge.smtpPort, "127.0.0.3")).client;

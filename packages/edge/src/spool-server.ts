@@ -49,11 +49,8 @@ export interface SpoolDeadlines {
   halfCloseMs: number;
 }
 
-export const DEFAULT_SPOOL_DEADLINES: SpoolDeadlines = {
-  commandMs: 60_000,
-  dataMs: 10 * 60_000,
-  halfCloseMs: 5_000,
-};
+/** See SpoolDeadlines.halfCloseMs; the other two come from `spool.commandTimeout` / `spool.dataTimeout`. */
+const HALF_CLOSE_MS = 5_000;
 
 /** An SMTP reply as an error smtp-server sends verbatim. */
 function reply(code: number, text: string): Error & { responseCode: number } {
@@ -80,12 +77,17 @@ export class SpoolServer {
     writeErrors: 0,
     deadlines: 0,
   };
-  /** Mutable so tests can shorten them; production uses the defaults. */
-  deadlines: SpoolDeadlines = { ...DEFAULT_SPOOL_DEADLINES };
+  /** From `spool.commandTimeout` / `spool.dataTimeout`; mutable so tests can shorten them further. */
+  deadlines: SpoolDeadlines;
   private readonly clocks = new Map<string, SessionClock>();
 
   constructor(private readonly options: SpoolServerOptions) {
     const { config } = options;
+    this.deadlines = {
+      commandMs: config.spool.commandTimeout,
+      dataMs: config.spool.dataTimeout,
+      halfCloseMs: HALF_CLOSE_MS,
+    };
     this.resolve = resolverFor(config.dnsServers);
     this.perIp = new KeyedRateLimiter(
       config.spool.messagesPerIpPerMinute / 60,

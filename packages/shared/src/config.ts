@@ -60,6 +60,10 @@ export interface EdgeSpool {
   /** ms: first retry delay after a 4xx from home's Postfix; doubles up to retryMax. */
   retryMin: number;
   retryMax: number;
+  /** ms: a spool session's command line must be complete within this (421 after). */
+  commandTimeout: number;
+  /** ms: from DATA to the final dot (421 after). */
+  dataTimeout: number;
 }
 
 /** Outbound mail (relay streams from homes): queue, retries, limits. */
@@ -192,6 +196,8 @@ export interface EdgeConfigFile {
     drainConcurrency?: number;
     retryMin?: DurationText;
     retryMax?: DurationText;
+    commandTimeout?: DurationText;
+    dataTimeout?: DurationText;
   };
   outbound?: {
     retryMin?: DurationText;
@@ -258,6 +264,8 @@ export const EDGE_DEFAULTS = {
     drainConcurrency: 4,
     retryMin: "1m",
     retryMax: "1h",
+    commandTimeout: "1m",
+    dataTimeout: "10m",
   },
   outbound: {
     retryMin: "5m",
@@ -629,6 +637,8 @@ const edgeSchema = z.strictObject({
       drainConcurrency: withDefault(checkInteger(1, 64), EDGE_DEFAULTS.spool.drainConcurrency),
       retryMin: withDefault(checkDuration, EDGE_DEFAULTS.spool.retryMin),
       retryMax: withDefault(checkDuration, EDGE_DEFAULTS.spool.retryMax),
+      commandTimeout: withDefault(checkDuration, EDGE_DEFAULTS.spool.commandTimeout),
+      dataTimeout: withDefault(checkDuration, EDGE_DEFAULTS.spool.dataTimeout),
     })
     .prefault({}),
   outbound: z
@@ -757,6 +767,10 @@ export function parseEdgeConfig(input: unknown): EdgeConfig {
   duplicates(data.requireTLS ?? [], (domain, i) =>
     problems.push(`requireTLS[${i}]: ${domain} is listed twice`),
   );
+  for (const key of ["commandTimeout", "dataTimeout"] as const) {
+    const ms = data.spool?.[key];
+    if (ms !== undefined && ms < 1000) problems.push(`spool.${key}: expected at least 1s, got ${ms}ms`);
+  }
   const listeners: Array<[string, HostPort | null | undefined]> = [
     ["smtpListen", data.smtpListen],
     ["tunnelListen", data.tunnelListen],

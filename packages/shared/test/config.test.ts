@@ -104,6 +104,8 @@ describe("edge config", () => {
       drainConcurrency: 4,
       retryMin: 60_000,
       retryMax: 3_600_000,
+      commandTimeout: 60_000,
+      dataTimeout: 600_000,
     });
     expect(config).toMatchObject({
       hostname: "mx.example.net",
@@ -285,6 +287,17 @@ describe("edge config", () => {
       parseEdgeConfig({ ...minimalEdge, logLevel: "loud", tunnelListen: "0.0.0.0:25" }),
     );
     expect(problems).toHaveLength(2);
+  });
+
+  it("takes the spool session deadlines from spool.commandTimeout and spool.dataTimeout", () => {
+    const config = parseEdgeConfig({ ...minimalEdge, spool: { commandTimeout: "30s", dataTimeout: "20m" } });
+    expect(config.spool).toMatchObject({ commandTimeout: 30_000, dataTimeout: 1_200_000 });
+    expect(problemsOf(() => parseEdgeConfig({ ...minimalEdge, spool: { dataTimeout: "soon" } }))).toEqual([
+      expect.stringMatching(/^spool\.dataTimeout: expected a duration/),
+    ]);
+    expect(problemsOf(() => parseEdgeConfig({ ...minimalEdge, spool: { commandTimeout: "500ms" } }))).toEqual(
+      ["spool.commandTimeout: expected at least 1s, got 500ms"],
+    );
   });
 
   it("refuses a non-object", () => {
