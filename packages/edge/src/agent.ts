@@ -50,7 +50,7 @@ export interface EdgeAgentOptions {
   config: EdgeConfig;
   logger: Logger;
   /** Fault injection for tests: replaces fs/promises open for spool files (ENOSPC). */
-  spoolOpenFile?: typeof import("node:fs/promises").open;
+  spoolOpenFile?: import("@mxtunnel/shared").SpoolFileOpener;
 }
 
 export interface EdgeAgent {

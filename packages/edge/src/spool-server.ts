@@ -7,10 +7,12 @@ import type net from "node:net";
 import {
   decodeKey,
   type EdgeConfig,
+  EphemeralKeyPool,
   greetWithoutDelay,
   KeyedRateLimiter,
   LineEndingScanner,
   type Logger,
+  type SpoolFileOpener,
   SpoolFileWriter,
   SpoolSealer,
 } from "@mxtunnel/shared";
@@ -30,7 +32,7 @@ export interface SpoolServerOptions {
   /** Called after a message is committed, so the drain can start. */
   onSpooled: () => void;
   /** Fault injection for tests (ENOSPC): replaces fs/promises open for spool files. */
-  openFile?: typeof import("node:fs/promises").open;
+  openFile?: SpoolFileOpener;
 }
 
 /**
@@ -69,6 +71,8 @@ export class SpoolServer {
   private readonly resolve: DnsResolve;
   private readonly unsignedOutcomes = new AnswerCache();
   private readonly spoolKeys = new Map<string, Uint8Array>();
+  /** Files sealed within a second share an ephemeral key agreement (each keeps its own body key). */
+  private readonly ephemeralKeys = new EphemeralKeyPool();
   readonly counters = {
     sessions: 0,
     spooled: 0,
@@ -263,6 +267,7 @@ export class SpoolServer {
         tls: Boolean(session.secure),
       },
       extra: { homeKey: home.publicKey },
+      ephemeralKeys: this.ephemeralKeys,
     });
     const lineEndings = new LineEndingScanner();
     const auth = new SenderAuthCheck({

@@ -11,7 +11,13 @@
 // recipient makes the first chunk fail authentication. box.before is NaCl's: HSalsa20 (zero nonce)
 // of the X25519 result; the X25519 part runs in node:crypto.
 import { createHash, hkdfSync, randomBytes, timingSafeEqual } from "node:crypto";
-import { createReadStream } from "node:fs";
+import {
+  close as closeFd,
+  createReadStream,
+  fsync as fsyncFd,
+  open as openFd,
+  write as writeFd,
+} from "node:fs";
 import { type FileHandle, link, open, unlink } from "node:fs/promises";
 import { isIP } from "node:net";
 import { join } from "node:path";
@@ -65,7 +71,7 @@ export interface SpoolHeader {
   extra: Record<string, unknown>;
   /** keyFingerprint(home spool public key). */
   spoolKeyId: string;
-  /** base64url, fresh per file. */
+  /** base64url: fresh per file, or shared for a short while by an EphemeralKeyPool. */
   ephemeralPublicKey: string;
   /** base64url, 16 random bytes. */
   noncePrefix: string;
@@ -346,6 +352,98 @@ export interface SpoolSealerOptions {
   envelope: SpoolEnvelope;
   client: SpoolClient;
   extra?: Record<string, unknown>;
+  /** Share an ephemeral key with the files sealed just before (see EphemeralKeyPool); else a fresh one. */
+  ephemeralKeys?: EphemeralKeyPool;
+}
+
+interface PooledEphemeral {
+  spoolPublicKey: Buffer;
+  /** base64url of the ephemeral public key, as the header carries it. */
+  publicKey: string;
+  /** box.before(spool key, ephemeral secret): the secret the body key is derived from. */
+  shared: Uint8Array;
+  uses: number;
+  expiresAt: number;
+}
+
+/**
+ * Lets the files sealed within a short window (by default 256 files or one second) share one ephemeral
+ * key. Each file still gets its own body key: the key derivation's salt is the hash of the header,
+ * which holds the file's unique id and its own random nonce prefix. What is shared is the ephemeral
+ * key agreement, which costs more than the rest of sealing a small message (the edge under a backlog
+ * seals hundreds of messages a second). The cost is exposure: whoever reads the edge's memory can open
+ * the files sealed in the current window, a second's worth of mail it could read arriving anyway;
+ * the secret is wiped when its window ends. One entry per spool key (an edge serves few homes).
+ */
+export class EphemeralKeyPool {
+  readonly #entries = new Map<string, PooledEphemeral>();
+  readonly #maxUses: number;
+  readonly #maxAgeMs: number;
+  readonly #now: () => number;
+
+  constructor(options: { maxUses?: number; maxAgeMs?: number; now?: () => number } = {}) {
+    this.#maxUses = options.maxUses ?? 256;
+    this.#maxAgeMs = options.maxAgeMs ?? 1_000;
+    this.#now = options.now ?? Date.now;
+    if (!(Number.isInteger(this.#maxUses) && this.#maxUses >= 1)) {
+      throw new RangeError("EphemeralKeyPool maxUses must be a whole number of at least 1");
+    }
+    if (!(Number.isFinite(this.#maxAgeMs) && this.#maxAgeMs >= 0)) {
+      throw new RangeError("EphemeralKeyPool maxAgeMs must be a finite number of milliseconds, at least 0");
+    }
+  }
+
+  /** The ephemeral public key (base64url) and a copy of the shared secret, which the caller wipes. */
+  take(spoolPublicKey: Uint8Array): { publicKey: string; shared: Uint8Array } {
+    const name = asBuffer(spoolPublicKey).toString("hex");
+    let entry = this.#entries.get(name);
+    const now = this.#now();
+    if (entry && (entry.uses >= this.#maxUses || now >= entry.expiresAt)) {
+      this.#drop(name, entry);
+      entry = undefined;
+    }
+    if (!entry) {
+      const fresh = freshEphemeral(spoolPublicKey);
+      entry = {
+        spoolPublicKey: Buffer.from(spoolPublicKey),
+        publicKey: fresh.publicKey,
+        shared: fresh.shared,
+        uses: 0,
+        expiresAt: now + this.#maxAgeMs,
+      };
+      this.#entries.set(name, entry);
+      // Wiped when the window ends even if no file comes to replace it.
+      const created = entry;
+      setTimeout(() => {
+        if (this.#entries.get(name) === created) this.#drop(name, created);
+      }, this.#maxAgeMs).unref();
+    }
+    entry.uses++;
+    return { publicKey: entry.publicKey, shared: entry.shared.slice() };
+  }
+
+  /** Wipes every held secret (e.g. when the agent stops). The pool stays usable. */
+  clear(): void {
+    for (const [name, entry] of this.#entries) this.#drop(name, entry);
+  }
+
+  #drop(name: string, entry: PooledEphemeral): void {
+    entry.shared.fill(0);
+    this.#entries.delete(name);
+  }
+}
+
+/** A fresh ephemeral key for one spool key: its public half (base64url) and the shared secret. */
+function freshEphemeral(spoolPublicKey: Uint8Array): { publicKey: string; shared: Uint8Array } {
+  const ephemeral = generateKeyPair();
+  try {
+    return {
+      publicKey: encodeKey(ephemeral.publicKey),
+      shared: boxBefore(spoolPublicKey, ephemeral.privateKey),
+    };
+  } finally {
+    ephemeral.privateKey.fill(0);
+  }
 }
 
 /**
@@ -369,9 +467,8 @@ export class SpoolSealer {
     if (!(spoolPublicKey instanceof Uint8Array) || spoolPublicKey.length !== 32) {
       throw new RangeError("spoolPublicKey must be 32 bytes");
     }
-    const ephemeral = generateKeyPair();
-    const shared = boxBefore(spoolPublicKey, ephemeral.privateKey);
-    ephemeral.privateKey.fill(0);
+    const ephemeral = options.ephemeralKeys?.take(spoolPublicKey) ?? freshEphemeral(spoolPublicKey);
+    const shared = ephemeral.shared;
     try {
       this.#noncePrefix = randomBytes(NONCE_PREFIX_LENGTH);
       const receivedAt =
@@ -386,7 +483,7 @@ export class SpoolSealer {
         client: options.client,
         extra: options.extra ?? {},
         spoolKeyId: keyFingerprint(spoolPublicKey),
-        ephemeralPublicKey: encodeKey(ephemeral.publicKey),
+        ephemeralPublicKey: ephemeral.publicKey,
         noncePrefix: this.#noncePrefix.toString("base64url"),
         chunkSize: SPOOL_CHUNK_SIZE,
       };
@@ -575,11 +672,51 @@ export class SpoolOpener {
 // ---------------------------------------------------------------------------------------------
 // The edge's durable write.
 
+/** The calls the writer makes on its temporary file (a FileHandle has them too). */
+export interface SpoolFileHandle {
+  write(buffer: Buffer, offset: number, length: number): Promise<{ bytesWritten: number }>;
+  sync(): Promise<void>;
+  close(): Promise<void>;
+}
+
+export type SpoolFileOpener = (path: string, flags: string, mode: number) => Promise<SpoolFileHandle>;
+
 export interface SpoolFileWriterOptions {
   /** Where the temporary file lives; must be on the same file system as the spool directory. */
   tmpDir?: string;
-  /** Fault injection for tests. The writer uses handle.write(buffer, offset, length), sync and close. */
-  open?: typeof open;
+  /** Fault injection for tests (node:fs/promises' open fits). */
+  open?: SpoolFileOpener;
+}
+
+/**
+ * A file descriptor behind node:fs's callback calls. Per call it costs the edge's one thread less than
+ * a FileHandle (no promise-wrapped handle object to track and close); the backlog writes five calls per
+ * message. The writer closes it on every path.
+ */
+class DescriptorFile implements SpoolFileHandle {
+  constructor(private readonly fd: number) {}
+
+  static open(path: string, flags: string, mode: number): Promise<SpoolFileHandle> {
+    return new Promise((resolve, reject) =>
+      openFd(path, flags, mode, (error, fd) => (error ? reject(error) : resolve(new DescriptorFile(fd)))),
+    );
+  }
+
+  write(buffer: Buffer, offset: number, length: number): Promise<{ bytesWritten: number }> {
+    return new Promise((resolve, reject) =>
+      writeFd(this.fd, buffer, offset, length, null, (error, bytesWritten) =>
+        error ? reject(error) : resolve({ bytesWritten }),
+      ),
+    );
+  }
+
+  sync(): Promise<void> {
+    return new Promise((resolve, reject) => fsyncFd(this.fd, (error) => (error ? reject(error) : resolve())));
+  }
+
+  close(): Promise<void> {
+    return new Promise((resolve, reject) => closeFd(this.fd, (error) => (error ? reject(error) : resolve())));
+  }
 }
 
 export interface SpoolCommit {
@@ -617,7 +754,7 @@ export class SpoolFileWriter {
   readonly tempPath: string;
   readonly #dir: string;
   readonly #sealer: SpoolSealer;
-  #handle: FileHandle | undefined;
+  #handle: SpoolFileHandle | undefined;
   readonly #hash = createHash("sha256");
   #cipherLength = 0;
   /** Sealed bytes not written yet (the preamble first). */
@@ -628,7 +765,7 @@ export class SpoolFileWriter {
   #failure: unknown;
   #aborting: Promise<void> | undefined;
 
-  private constructor(dir: string, tempPath: string, handle: FileHandle, sealer: SpoolSealer) {
+  private constructor(dir: string, tempPath: string, handle: SpoolFileHandle, sealer: SpoolSealer) {
     this.#dir = dir;
     this.path = join(dir, `${sealer.header.id}${SPOOL_FILE_SUFFIX}`);
     this.tempPath = tempPath;
@@ -646,7 +783,7 @@ export class SpoolFileWriter {
     if (sealer.plaintextLength > 0) {
       throw new TypeError("SpoolFileWriter needs a fresh SpoolSealer (its update() has already been called)");
     }
-    const openFile = options.open ?? open;
+    const openFile = options.open ?? DescriptorFile.open;
     const name = `.${sealer.header.id}.${randomBytes(6).toString("hex")}.tmp`;
     const tempPath = join(options.tmpDir ?? dir, name);
     const handle = await openFile(tempPath, "wx", 0o600);
@@ -769,7 +906,7 @@ export class SpoolFileWriter {
     }
   }
 
-  #handleOrThrow(): FileHandle {
+  #handleOrThrow(): SpoolFileHandle {
     if (!this.#handle) throw this.#abortedError();
     return this.#handle;
   }

@@ -8,6 +8,7 @@ import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { CryptoError, StateError } from "../src/errors.js";
 import { keyFingerprint } from "../src/keys.js";
 import {
+  EphemeralKeyPool,
   openSpoolCipherStream,
   parseSpoolHeader,
   readSpoolMeta,
@@ -231,6 +232,49 @@ describe("SpoolSealer and SpoolOpener", () => {
     expect(a.header.ephemeralPublicKey).not.toBe(b.header.ephemeralPublicKey);
     expect(a.header.noncePrefix).not.toBe(b.header.noncePrefix);
     expect(a.cipher.equals(b.cipher)).toBe(false);
+  });
+
+  it("with an EphemeralKeyPool, files share the ephemeral key but each has its own body key", () => {
+    const pool = new EphemeralKeyPool();
+    const a = seal(Buffer.from("same"), sealerOptions({ id: "pooled-a", ephemeralKeys: pool }));
+    const b = seal(Buffer.from("same"), sealerOptions({ id: "pooled-b", ephemeralKeys: pool }));
+    expect(a.header.ephemeralPublicKey).toBe(b.header.ephemeralPublicKey);
+    expect(a.header.noncePrefix).not.toBe(b.header.noncePrefix);
+    expect(a.cipher.equals(b.cipher)).toBe(false);
+    // Each file opens with the home key alone, and only with its own header.
+    expect(openAll(a.header, a.cipher).plaintext.toString()).toBe("same");
+    expect(openAll(b.header, b.cipher).plaintext.toString()).toBe("same");
+    expect(openAll(b.header, a.cipher).error).toBeInstanceOf(CryptoError);
+    pool.clear();
+  });
+
+  it("an EphemeralKeyPool draws a new key after maxUses files, after maxAgeMs, and per spool key", () => {
+    let now = 1_000;
+    const pool = new EphemeralKeyPool({ maxUses: 2, maxAgeMs: 500, now: () => now });
+    const key = () => new SpoolSealer(sealerOptions({ ephemeralKeys: pool })).header.ephemeralPublicKey;
+    const first = key();
+    expect(key()).toBe(first);
+    const second = key(); // the third file: maxUses is 2
+    expect(second).not.toBe(first);
+    now += 500; // the window has ended
+    const third = key();
+    expect(third).not.toBe(second);
+    const other = spoolKeys();
+    const elsewhere = new SpoolSealer(
+      sealerOptions({ spoolPublicKey: other.publicKey, ephemeralKeys: pool }),
+    );
+    expect(elsewhere.header.ephemeralPublicKey).not.toBe(third);
+    expect(key()).toBe(third);
+    pool.clear();
+    expect(key()).not.toBe(third);
+    pool.clear();
+  });
+
+  it("an EphemeralKeyPool refuses limits that would not bound sharing", () => {
+    expect(() => new EphemeralKeyPool({ maxUses: 0 })).toThrow(/maxUses/);
+    expect(() => new EphemeralKeyPool({ maxUses: 1.5 })).toThrow(/maxUses/);
+    expect(() => new EphemeralKeyPool({ maxAgeMs: Number.POSITIVE_INFINITY })).toThrow(/maxAgeMs/);
+    expect(() => new EphemeralKeyPool({ maxAgeMs: -1 })).toThrow(/maxAgeMs/);
   });
 
   it("holds back a full chunk until more data or final() shows whether it is the last", () => {
