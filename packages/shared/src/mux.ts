@@ -7,6 +7,7 @@
 // goes back to the sender only as the application consumes data (reads it out of the Duplex), so
 // what a tunnel holds unread is bounded by its budget however many streams there are.
 import { EventEmitter } from "node:events";
+import type net from "node:net";
 import { Duplex } from "node:stream";
 import { ConfigError, MxtunnelError, ProtocolError } from "./errors.js";
 import { CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, type MessageTransport } from "./transport.js";
@@ -77,8 +78,14 @@ const DEFAULTS = {
 const BUFFERED_POLL_MS = 25;
 const MAX_PENDING_PINGS = 64;
 const MAX_STREAM_ID = 0xffffffff;
+/**
+ * A spliced socket is paused while this many of its bytes wait in the mux queue: the Duplex's
+ * writableHighWaterMark that pipe() honoured before sockets were wired to the engine directly.
+ */
+const SPLICE_HIGH_WATER = 16 * 1024;
 
 type WriteCallback = (error?: Error | null) => void;
+const ignoreWriteResult: WriteCallback = () => {};
 
 type Outgoing =
   | {
@@ -150,6 +157,10 @@ class StreamState {
   unconfirmedBytes = 0;
   /** RESULTs waiting for the Writable's buffered chunks ahead of them to reach the mux. */
   pendingResults: { target: number; frame: Uint8Array }[] = [];
+  /** DATA bytes in `out` not yet cut into frames. */
+  queuedData = 0;
+  /** Set when the stream is spliced to a socket directly: its bytes bypass the Duplex both ways. */
+  splice: SocketSplice | undefined;
   // receiving
   readonly inbox = new Fifo<Incoming>();
   inboxBytes = 0;
@@ -222,6 +233,68 @@ function truncateUtf8(text: string, maxBytes: number): string {
   let end = maxBytes;
   while (end > 0 && ((bytes[end] ?? 0) & 0xc0) === 0x80) end--;
   return bytes.subarray(0, end).toString("utf8");
+}
+
+/**
+ * A socket spliced to a stream by the engine. Teardown as splice.ts: if either side fails both are
+ * destroyed, but a side that ended cleanly is left to flush what it still has to write; onDone runs
+ * once, when both are closed (at once, with the error, if the socket fails).
+ */
+class SocketSplice {
+  paused = false;
+  socketClosed = false;
+  streamClosed = false;
+  private done = false;
+
+  constructor(
+    private readonly engine: Engine,
+    private readonly state: StreamState,
+    readonly socket: net.Socket,
+    private readonly onDone: ((error?: Error) => void) | undefined,
+  ) {}
+
+  /** Received bytes not yet handed to the kernel, counted only above the socket's high-water mark. */
+  unread(): number {
+    return this.socket.writableNeedDrain ? this.socket.writableLength : 0;
+  }
+
+  readonly onData = (chunk: Buffer): void => this.engine.spliceData(this.state, chunk);
+
+  readonly onEnd = (): void => this.engine.spliceEnd(this.state);
+
+  readonly onDrain = (): void => {
+    if (!this.state.stream.destroyed) this.engine.onConsumed(this.state);
+  };
+
+  readonly resume = (): void => {
+    if (!this.paused && !this.socket.destroyed) this.socket.resume();
+  };
+
+  readonly onError = (error: Error): void => {
+    this.finish(error);
+    this.state.stream.destroy();
+  };
+
+  readonly onClose = (): void => {
+    this.socketClosed = true;
+    // A socket that read its FIN and queued END, then closed, leaves the stream to send it.
+    if (!(this.socket.readableEnded && this.state.endQueued)) this.state.stream.destroy();
+    if (this.streamClosed) this.finish(undefined);
+  };
+
+  onStreamDestroyed(): void {
+    if (this.streamClosed) return;
+    this.streamClosed = true;
+    // A clean END from the peer has already called socket.end(): let the socket flush and close.
+    if (!(this.state.remoteEnded && this.socket.writableEnded)) this.socket.destroy();
+    if (this.socketClosed) this.finish(undefined);
+  }
+
+  private finish(error: Error | undefined): void {
+    if (this.done) return;
+    this.done = true;
+    this.onDone?.(error);
+  }
 }
 
 class Engine {
@@ -381,10 +454,77 @@ class Engine {
       const last = index === chunks.length - 1;
       state.out.push({ kind: "data", chunk, offset: 0, callback: last ? callback : undefined, batchBytes });
       state.enqueuedBytes += chunk.byteLength;
+      state.queuedData += chunk.byteLength;
       this.queuedBytes += chunk.byteLength;
       this.releaseResults(state, false);
     });
     this.makeReady(state);
+  }
+
+  /**
+   * Wires a socket to the stream without the Duplex: socket reads go straight to the send queue (the
+   * socket paused while SPLICE_HIGH_WATER bytes wait there) and DATA straight to socket.write(), its
+   * credit held back while the socket's write buffer is over its high-water mark. False, and nothing
+   * changed, when the Duplex has been read or written already.
+   */
+  splice(state: StreamState, socket: net.Socket, onDone: ((error?: Error) => void) | undefined): boolean {
+    const stream = state.stream;
+    const used =
+      state.splice !== undefined ||
+      state.readWanted ||
+      stream.readableFlowing !== null ||
+      stream.readableLength > 0 ||
+      stream.writableLength > 0 ||
+      stream.writableEnded;
+    if (used) return false;
+    if (this.closed || stream.destroyed || socket.destroyed) {
+      // One side is gone already and its 'close' may have fired: take the other down now.
+      stream.destroy();
+      socket.destroy();
+      onDone?.();
+      return true;
+    }
+    const splice = new SocketSplice(this, state, socket, onDone);
+    state.splice = splice;
+    socket.on("data", splice.onData);
+    socket.on("end", splice.onEnd);
+    socket.on("drain", splice.onDrain);
+    socket.on("error", splice.onError);
+    socket.on("close", splice.onClose);
+    // What arrived before the splice waits in the inbox (nobody read the Duplex): it goes first.
+    while (state.inbox.length > 0) {
+      const item = state.inbox.shift()!;
+      if (item instanceof Uint8Array) socket.write(item);
+      else process.nextTick(() => stream.emit("result", item.result));
+    }
+    state.inboxBytes = 0;
+    if (state.remoteEnded) socket.end();
+    this.sampleUnread(state);
+    return true;
+  }
+
+  /** A spliced socket's read. */
+  spliceData(state: StreamState, chunk: Buffer): void {
+    const splice = state.splice!;
+    if (this.closed || state.stream.destroyed || state.endQueued) return;
+    const size = chunk.byteLength;
+    if (size === 0) return;
+    state.out.push({ kind: "data", chunk, offset: 0, callback: undefined, batchBytes: size });
+    state.enqueuedBytes += size;
+    state.queuedData += size;
+    this.queuedBytes += size;
+    if (state.pendingResults.length > 0) this.releaseResults(state, false);
+    this.makeReady(state);
+    if (!splice.paused && state.queuedData >= SPLICE_HIGH_WATER) {
+      splice.paused = true;
+      splice.socket.pause();
+    }
+  }
+
+  /** A spliced socket's FIN: END after the data read before it. */
+  spliceEnd(state: StreamState): void {
+    if (state.endQueued) return;
+    this.end(state, ignoreWriteResult);
   }
 
   sendResult(state: StreamState, result: unknown): void {
@@ -446,10 +586,12 @@ class Engine {
         item.callback(dropped);
       }
     }
+    state.queuedData = 0;
     state.pendingResults = [];
     state.inbox.drain();
     state.inboxBytes = 0;
     this.sampleUnread(state);
+    state.splice?.onStreamDestroyed();
   }
 
   // ---- receiving ---------------------------------------------------------------------------------
@@ -621,6 +763,12 @@ class Engine {
       );
     }
     state.recvTotal += data.byteLength;
+    const splice = state.splice;
+    if (splice) {
+      if (!splice.socket.destroyed) splice.socket.write(data);
+      this.sampleUnread(state);
+      return;
+    }
     state.inbox.push(data);
     state.inboxBytes += data.byteLength;
     this.drainInbox(state);
@@ -630,7 +778,11 @@ class Engine {
   private onEnd(state: StreamState): void {
     if (state.remoteEnded) return;
     state.remoteEnded = true;
-    this.drainInbox(state);
+    if (state.splice) {
+      if (!state.splice.socket.destroyed) state.splice.socket.end();
+    } else {
+      this.drainInbox(state);
+    }
     this.maybeForget(state);
   }
 
@@ -688,7 +840,13 @@ class Engine {
         process.nextTick(() => stream.emit("result", item.result));
       }
     }
-    if (state.inbox.length === 0 && state.remoteEnded && !state.eofPushed && !stream.destroyed) {
+    if (
+      state.inbox.length === 0 &&
+      state.remoteEnded &&
+      !state.eofPushed &&
+      !stream.destroyed &&
+      !state.splice
+    ) {
       state.eofPushed = true;
       stream.push(null);
     }
@@ -705,7 +863,11 @@ class Engine {
 
   private sampleUnread(state: StreamState): void {
     const stream = state.stream;
-    const unread = stream.destroyed ? 0 : state.inboxBytes + stream.readableLength;
+    const unread = stream.destroyed
+      ? 0
+      : state.splice
+        ? state.splice.unread()
+        : state.inboxBytes + stream.readableLength;
     if (unread !== state.unreadSample) {
       this.tunnelUnread += unread - state.unreadSample;
       state.unreadSample = unread;
@@ -891,6 +1053,12 @@ class Engine {
           state.sendCredit -= size;
           this.tunnelSendCredit -= size;
           this.queuedBytes -= size;
+          state.queuedData -= size;
+          const splice = state.splice;
+          if (splice?.paused && state.queuedData < SPLICE_HIGH_WATER) {
+            splice.paused = false;
+            callbacks.push(splice.resume);
+          }
           if (size === MAX_DATA_PAYLOAD && this.holdTail(state, callbacks)) continue;
         } else {
           state.out.shift();
@@ -973,7 +1141,11 @@ class Engine {
   // ---- lifecycle ---------------------------------------------------------------------------------
 
   private maybeForget(state: StreamState): void {
-    if (state.remoteEnded && state.endSent && this.streams.get(state.id) === state) this.forget(state);
+    if (state.remoteEnded && state.endSent && this.streams.get(state.id) === state) {
+      this.forget(state);
+      // A Duplex closes itself once both sides ended; a spliced stream's Duplex saw neither.
+      if (state.splice) state.stream.destroy();
+    }
   }
 
   private forget(state: StreamState): void {
@@ -1151,6 +1323,14 @@ export class MuxStream extends Duplex {
   /** Sends RESET and destroys the stream locally without an "error" event. */
   reset(code: number, reason: string): void {
     this.#engine.reset(this.#state, code, reason);
+  }
+
+  /**
+   * Joins a socket to this stream both ways without Node's stream machinery (see splice.ts for the
+   * semantics). False when the Duplex side has been used already; splice() then pipes instead.
+   */
+  spliceSocket(socket: net.Socket, onDone?: (error?: Error) => void): boolean {
+    return this.#engine.splice(this.#state, socket, onDone);
   }
 
   /** Sends RESULT after the data already written; call it before end(). */

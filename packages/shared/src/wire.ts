@@ -592,6 +592,10 @@ function safeReviver(key: string, value: unknown): unknown {
 function decodeJson(bytes: Uint8Array, what: string): unknown {
   const text = decodeUtf8(bytes, what);
   try {
+    // A reviver makes JSON.parse about 3× slower (one OPEN per session: 2 % of home's CPU in
+    // scenario 1). Without a backslash no key can spell "__proto__" in escapes, so text without
+    // either has nothing for the reviver to drop.
+    if (!text.includes("\\") && !text.includes("__proto__")) return JSON.parse(text);
     return JSON.parse(text, safeReviver);
   } catch (error) {
     throw new ProtocolError("FRAME_MALFORMED", `${what} is not valid JSON`, { cause: error });

@@ -146,6 +146,28 @@ describe("decodeFrame", () => {
     expect(({} as Record<string, unknown>).polluted).toBeUndefined();
   });
 
+  it("drops __proto__ keys spelled with escapes, and keeps escaped text that is not one", () => {
+    const json = '{"\\u005f_proto__":{"polluted":1},"a":{"__pr\\u006fto__":2},"b":"say \\"hi\\"\\n"}';
+    const frame = decodeFrame(fromHex(`0a 00000000 ${utf8Hex(json)}`));
+    if (frame.type !== "control") throw new Error("expected CONTROL");
+    expect(Object.hasOwn(frame.message, "__proto__")).toBe(false);
+    expect(frame.message).toEqual({ a: {}, b: 'say "hi"\n' });
+  });
+
+  it("decodes plain meta (no escapes, no __proto__) to the same objects", () => {
+    const meta = {
+      service: "smtp",
+      session: "s1",
+      client: { address: "::1", port: 1 },
+      list: [1, "x", null],
+    };
+    const open = encodeFrame({ type: "open", stream: 1, kind: "forward", meta });
+    const frame = decodeFrame(open);
+    if (frame.type !== "open") throw new Error("expected OPEN");
+    expect(frame.meta).toEqual(meta);
+    expect(Object.getPrototypeOf(frame.meta)).toBe(Object.prototype);
+  });
+
   const malformed: [string, string, ErrorCode][] = [
     ["an empty message", "", "FRAME_MALFORMED"],
     ["a lone type byte", "01", "FRAME_MALFORMED"],
