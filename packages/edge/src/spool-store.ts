@@ -2,7 +2,7 @@
 // file with delivery attempts and an append-only log of sender-check verdicts (one JSON line per
 // message, compacted at start). The edge can list, age and check files (length and hash) but
 // cannot read them. A file that fails its check at start is quarantined, never delivered.
-import { type FileHandle, mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises";
+import { mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import {
   fsyncDirectory,
@@ -53,8 +53,6 @@ export class SpoolStore {
   private pendingVerdicts: string[] = [];
   private verdictLines = 0;
   private readonly verdictWrites = new GroupCommit(() => this.writeVerdicts());
-  /** auth.log, open for appends between back-to-back runs of verdictWrites. */
-  private verdictLog: FileHandle | undefined;
 
   private constructor(
     readonly dir: string,
@@ -225,37 +223,23 @@ export class SpoolStore {
   private async writeVerdicts(): Promise<void> {
     const lines = this.pendingVerdicts;
     this.pendingVerdicts = [];
-    if (lines.length === 0) {
-      const held = this.verdictLog;
-      this.verdictLog = undefined;
-      await held?.close();
-      return;
-    }
+    if (lines.length === 0) return;
     // Delivered messages' lines stay until a compaction: one when they outnumber the live ones.
     if (this.verdictLines + lines.length > 2 * this.entries.size + VERDICT_LOG_SLACK) {
       await this.compactVerdicts();
       return;
     }
-    // Kept open while verdicts keep coming (the next append is already queued), closed once idle.
-    const handle = this.verdictLog ?? (await open(this.authLogPath, "a", 0o600));
-    this.verdictLog = undefined;
+    const handle = await open(this.authLogPath, "a", 0o600);
     try {
       await handle.appendFile(lines.join(""));
-    } catch (error) {
-      await handle.close().catch(() => undefined);
-      throw error;
+    } finally {
+      await handle.close();
     }
     this.verdictLines += lines.length;
-    if (this.verdictWrites.pending) this.verdictLog = handle;
-    else await handle.close();
   }
 
   /** Rewrites auth.log with the verdicts of the messages still spooled (atomically, synced). */
   private async compactVerdicts(): Promise<void> {
-    // The rewrite replaces the file: a handle held for appends would write to the old one.
-    const held = this.verdictLog;
-    this.verdictLog = undefined;
-    await held?.close().catch(() => undefined);
     const lines: string[] = [];
     for (const entry of this.entries.values()) if (entry.auth) lines.push(authLine(entry.id, entry.auth));
     await writeFileAtomic(this.authLogPath, lines.join(""), { mode: 0o600 });

@@ -8,11 +8,6 @@ export class GroupCommit {
 
   constructor(private readonly step: () => Promise<void>) {}
 
-  /** True while a run is queued behind the current one: a step can keep what it opened for it. */
-  get pending(): boolean {
-    return this.#next !== undefined;
-  }
-
   /** Resolves once a run of the step that started after this call has finished; rejects if it failed. */
   request(): Promise<void> {
     if (this.#next) return this.#next;

@@ -23,6 +23,7 @@ import { isIP } from "node:net";
 import { join } from "node:path";
 import type { Readable } from "node:stream";
 import nacl from "tweetnacl";
+import { fsyncDirectory } from "./atomic-file.js";
 import { CryptoError, StateError } from "./errors.js";
 import { GroupCommit } from "./group-commit.js";
 import { encodeKey, keyFingerprint } from "./keys.js";
@@ -727,27 +728,13 @@ export interface SpoolCommit {
 }
 
 // Group commit of the spool directory: one fsync makes every link made before it durable, so
-// concurrent commits share the fsyncs that start after their links. While runs follow each other (a
-// backlog arriving), the directory stays open between them; it is closed once no run is queued.
+// concurrent commits share the fsyncs that start after their links.
 const directorySyncs = new Map<string, GroupCommit>();
 
 function syncDirectoryGrouped(dir: string): Promise<void> {
   let group = directorySyncs.get(dir);
   if (!group) {
-    let held: FileHandle | undefined;
-    const commit: GroupCommit = new GroupCommit(async () => {
-      const handle = held ?? (await open(dir, "r"));
-      held = undefined;
-      try {
-        await handle.sync();
-      } catch (error) {
-        await handle.close().catch(() => undefined);
-        throw error;
-      }
-      if (commit.pending) held = handle;
-      else await handle.close();
-    });
-    group = commit;
+    group = new GroupCommit(() => fsyncDirectory(dir));
     directorySyncs.set(dir, group);
   }
   return group.request();

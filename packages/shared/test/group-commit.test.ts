@@ -36,23 +36,6 @@ describe("GroupCommit", () => {
     expect(runs).toHaveLength(2);
   });
 
-  it("pending says whether a run is queued behind the current one", async () => {
-    const { runs, step } = controlledStep();
-    const group = new GroupCommit(step);
-    expect(group.pending).toBe(false);
-    const first = group.request();
-    expect(group.pending).toBe(false);
-    const second = group.request();
-    expect(group.pending).toBe(true);
-    runs[0]?.finish();
-    await first;
-    await settled();
-    expect(group.pending).toBe(false);
-    runs[1]?.finish();
-    await second;
-    expect(group.pending).toBe(false);
-  });
-
   it("rejects the callers of a failed run, and the next request runs the step again", async () => {
     const { runs, step } = controlledStep();
     const group = new GroupCommit(step);
