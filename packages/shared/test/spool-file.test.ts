@@ -539,6 +539,17 @@ describe("SpoolFileWriter and the file", () => {
     expect(Buffer.concat(released).equals(plaintext)).toBe(true);
   });
 
+  it("concurrent commits share directory syncs and leave no file descriptor open", async () => {
+    const before = (await fs.readdir("/proc/self/fd")).length;
+    const written = await Promise.all(
+      Array.from({ length: 40 }, (_, i) => writeSpool(Buffer.from(`message ${i}`))),
+    );
+    expect((await fs.readdir("/proc/self/fd")).length).toBe(before);
+    expect(new Set(written.map((w) => w.committed.path)).size).toBe(40);
+    for (const { committed } of written) await expect(verifySpoolFile(committed.path)).resolves.toBeDefined();
+    expect(await fs.readdir(tmpDir)).toEqual([]);
+  });
+
   it("writes an empty message as one empty final chunk", async () => {
     const { committed } = await writeSpool(Buffer.alloc(0));
     const meta = await verifySpoolFile(committed.path);
