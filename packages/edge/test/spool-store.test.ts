@@ -84,12 +84,31 @@ describe("SpoolStore sender verdicts", () => {
     await store.setAuth(delivered, verdict("pass"));
     await store.remove(delivered);
     // Each verdict is a line; a thousand re-checks of one message are a thousand stale lines.
-    for (let i = 0; i < 1005; i++) await store.setAuth(kept, verdict(i % 2 === 0 ? "pass" : "fail"));
+    const rechecks = [];
+    for (let i = 0; i < 1005; i++) rechecks.push(store.setAuth(kept, verdict(i % 2 === 0 ? "pass" : "fail")));
+    await Promise.all(rechecks);
     const lines = (await readFile(join(dir, "auth.log"), "utf8")).trim().split("\n");
     expect(lines.length).toBeLessThan(10);
     expect(lines.map((line) => JSON.parse(line).id)).not.toContain(delivered);
     const again = await SpoolStore.open(dir, logger);
     expect(again.get(kept)?.auth?.spf).toBe("pass");
+  });
+
+  it("the verdicts of a burst right after an append wait for the next one and share it", async () => {
+    const store = await SpoolStore.open(dir, logger);
+    const ids = [];
+    for (let i = 0; i < 30; i++) ids.push(await spool(store));
+    const log = () => readFile(join(dir, "auth.log"), "utf8");
+    await store.setAuth(ids[0] as string, verdict("pass"));
+    expect((await log()).trim().split("\n")).toHaveLength(1);
+    // The burst right after it waits for the interval and shares one append: all its lines at once.
+    const burst = ids.slice(1).map((id) => store.setAuth(id, verdict("fail")));
+    await Promise.resolve();
+    expect((await log()).trim().split("\n")).toHaveLength(1);
+    await Promise.all(burst);
+    const lines = (await log()).trim().split("\n");
+    expect(lines).toHaveLength(30);
+    expect(new Set(lines.map((line) => JSON.parse(line).id))).toEqual(new Set(ids));
   });
 
   it("ignores a verdict for a message no longer spooled", async () => {
