@@ -1,5 +1,6 @@
 // Scenario 1: live inbound, many small messages. smtp-source (20 sessions, 4 KiB messages) into
-// smtp-sink directly (the anchor, 1.0), through the bare Node proxy, through OpenSSH -L, and through
+// smtp-sink directly (the anchor, 1.0), through the bare Node proxy, through two of them in a row (the
+// tunnel's two processes with neither crypto nor multiplexing), through OpenSSH -L, and through
 // edge → tunnel → home. Repetitions interleave the paths so every ratio compares the same moment.
 // Also: CPU time per message of each agent and a CPU profile of both agents.
 import { mkdir, rm } from "node:fs/promises";
@@ -19,6 +20,7 @@ export async function run({ quick, runs, resultsDir, log }) {
   const sshMessages = quick ? 200 : 1000;
   const sink = await startSink();
   const proxy = await startNodeProxy(sink.port);
+  const twoHop = await startNodeProxy(proxy.port);
   let ssh;
   try {
     ssh = await startSshTunnel(sink.port);
@@ -33,7 +35,7 @@ export async function run({ quick, runs, resultsDir, log }) {
     // long-lived agents is measured, not V8 compiling their hot paths during run 1 (which was 20-40 %
     // below runs 2-3 in every earlier run). OpenSSH is C and is not warmed.
     const warmUp = quick ? 200 : 1000;
-    for (const port of [sink.port, proxy.port, agents.smtpPort]) {
+    for (const port of [sink.port, proxy.port, twoHop.port, agents.smtpPort]) {
       await smtpSource(port, { sessions, messages: warmUp, size });
     }
     for (let i = 0; i < runs; i++) {
@@ -42,6 +44,10 @@ export async function run({ quick, runs, resultsDir, log }) {
       const p0 = cpuSnapshot({ proxy: proxy.pid });
       rep.proxy = await smtpSource(proxy.port, { sessions, messages, size });
       rep.proxy.cpuPerMsgMs = (cpuDelta(p0, cpuSnapshot({ proxy: proxy.pid })).proxy * 1000) / messages;
+      const t0 = cpuSnapshot({ first: twoHop.pid, second: proxy.pid });
+      rep.twoHop = await smtpSource(twoHop.port, { sessions, messages, size });
+      const twoHopCpu = cpuDelta(t0, cpuSnapshot({ first: twoHop.pid, second: proxy.pid }));
+      rep.twoHop.cpuPerMsgMs = ((twoHopCpu.first + twoHopCpu.second) * 1000) / messages;
       if (ssh) {
         const s0 = cpuSnapshot(ssh.pids);
         rep.ssh = await smtpSource(ssh.port, { sessions, messages: sshMessages, size });
@@ -54,6 +60,7 @@ export async function run({ quick, runs, resultsDir, log }) {
       reps.push(rep);
       log(
         `  run ${i + 1}: direct ${fmt(rep.direct.rate)} msg/s, node proxy ${fmt(rep.proxy.rate)}, ` +
+          `two node proxies ${fmt(rep.twoHop.rate)}, ` +
           `ssh -L ${rep.ssh ? fmt(rep.ssh.rate) : "n/a"}, tunnel ${fmt(rep.tunnel.rate)} ` +
           `(ratio ${fmt(rep.tunnel.rate / rep.direct.rate)})`,
       );
@@ -84,6 +91,7 @@ export async function run({ quick, runs, resultsDir, log }) {
     const file = await newestProfile(join(profileDir, role));
     if (file) profiles[role] = { file, ...(await hottest(file, { top: 5 })) };
   }
+  await twoHop.stop();
   await proxy.stop();
   await ssh?.stop();
   await sink.stop();
@@ -94,16 +102,24 @@ export async function run({ quick, runs, resultsDir, log }) {
     msgsPerSec: {
       direct: median(reps.map((r) => r.direct.rate)),
       nodeProxy: median(reps.map((r) => r.proxy.rate)),
+      twoNodeProxies: median(reps.map((r) => r.twoHop.rate)),
       ssh: ssh ? median(reps.map((r) => r.ssh.rate)) : null,
       tunnel: median(reps.map((r) => r.tunnel.rate)),
     },
-    ratioToDirect: { nodeProxy: ratio("proxy"), ssh: ssh ? ratio("ssh") : null, tunnel: ratio("tunnel") },
+    ratioToDirect: {
+      nodeProxy: ratio("proxy"),
+      twoNodeProxies: ratio("twoHop"),
+      ssh: ssh ? ratio("ssh") : null,
+      tunnel: ratio("tunnel"),
+    },
+    tunnelVsTwoNodeProxies: median(reps.map((r) => r.tunnel.rate / r.twoHop.rate)),
     tunnelVsSsh: ssh ? median(reps.map((r) => r.tunnel.rate / r.ssh.rate)) : null,
     tunnelVsNodeProxy: median(reps.map((r) => r.tunnel.rate / r.proxy.rate)),
     cpuPerMsgMs: {
       edge: median(reps.map((r) => r.tunnel.cpuPerMsgMs.edge)),
       home: median(reps.map((r) => r.tunnel.cpuPerMsgMs.home)),
       nodeProxy: median(reps.map((r) => r.proxy.cpuPerMsgMs)),
+      twoNodeProxies: median(reps.map((r) => r.twoHop.cpuPerMsgMs)),
       sshClient: ssh ? median(reps.map((r) => r.ssh.cpuPerMsgMs)) : null,
     },
     rssMiB: { edge: memory.edge, home: memory.home },
@@ -112,7 +128,8 @@ export async function run({ quick, runs, resultsDir, log }) {
   };
   log(
     `  median: tunnel ${fmt(result.msgsPerSec.tunnel)} msg/s = ${fmt(result.ratioToDirect.tunnel)} of direct ` +
-      `(node proxy ${fmt(result.ratioToDirect.nodeProxy)}, ssh ${fmt(result.ratioToDirect.ssh)}); ` +
+      `(node proxy ${fmt(result.ratioToDirect.nodeProxy)}, two node proxies ` +
+      `${fmt(result.ratioToDirect.twoNodeProxies)}, ssh ${fmt(result.ratioToDirect.ssh)}); ` +
       `CPU/msg edge ${fmt(result.cpuPerMsgMs.edge)} ms, home ${fmt(result.cpuPerMsgMs.home)} ms`,
   );
   for (const [role, p] of Object.entries(profiles)) {
