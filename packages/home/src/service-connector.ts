@@ -90,7 +90,7 @@ export class ServiceConnector {
     );
     const abandon = () => socket.destroy();
     stream.once("close", abandon);
-    socket.once("error", (error) => {
+    const onConnectError = (error: Error) => {
       clearTimeout(timer);
       if (stream.destroyed) return;
       this.counters.connectFailed++;
@@ -99,10 +99,13 @@ export class ServiceConnector {
         "cannot reach the service",
       );
       stream.reset(ResetCode.CONNECT_FAILED, `service ${meta.service} unreachable`);
-    });
+    };
+    socket.once("error", onConnectError);
     socket.once("connect", () => {
       clearTimeout(timer);
       stream.off("close", abandon);
+      // From here on an error is the session's (splice tears both sides down), not a failed connect.
+      socket.off("error", onConnectError);
       if (stream.destroyed) {
         socket.destroy();
         return;
