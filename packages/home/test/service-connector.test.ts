@@ -1,11 +1,11 @@
 import { once } from "node:events";
 import net from "node:net";
-import { createLogger, createMemoryTransportPair, Mux, type MuxStream, ResetCode } from "@mxtunnel/shared";
+import { createLogger, type MuxStream, ResetCode } from "@mxtunnel/shared";
 import { afterEach, describe, expect, it } from "vitest";
+import { quietMuxPair } from "../../../test/helpers/mux-pair.js";
 import { ServiceConnector } from "../src/service-connector.js";
 
 const logger = createLogger({ name: "test", level: "silent" });
-const QUIET = { pingIntervalMs: 0, idleTimeoutMs: 0 } as const;
 const cleanups: (() => void)[] = [];
 afterEach(() => {
   for (const cleanup of cleanups.splice(0)) cleanup();
@@ -13,13 +13,8 @@ afterEach(() => {
 
 /** A home mux serving forward streams with a ServiceConnector, and the edge mux that opens them. */
 function tunnelTo(port: number) {
-  const [homeTransport, edgeTransport] = createMemoryTransportPair();
-  const home = new Mux(homeTransport, { role: "home", ...QUIET });
-  const edge = new Mux(edgeTransport, { role: "edge", ...QUIET });
-  cleanups.push(
-    () => home.close(),
-    () => edge.close(),
-  );
+  const { home, edge, close } = quietMuxPair();
+  cleanups.push(close);
   const connector = new ServiceConnector({
     services: new Map([["smtp", { target: { host: "127.0.0.1", port }, proxyProtocol: "off" }]]),
     allowPrivateClientIPs: true,

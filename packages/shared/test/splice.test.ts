@@ -5,14 +5,13 @@ import { randomBytes } from "node:crypto";
 import { once } from "node:events";
 import net from "node:net";
 import { afterEach, describe, expect, it, vi } from "vitest";
-import { Mux, type MuxStream } from "../src/mux.js";
+import { quietMuxPair } from "../../../test/helpers/mux-pair.js";
+import type { Mux, MuxStream } from "../src/mux.js";
 import { splice } from "../src/splice.js";
-import { createMemoryTransportPair } from "../src/transport.js";
 import { INITIAL_STREAM_CREDIT, ResetCode } from "../src/wire.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-const QUIET = { pingIntervalMs: 0, idleTimeoutMs: 0 } as const;
 
 const cleanups: (() => void)[] = [];
 afterEach(() => {
@@ -50,13 +49,8 @@ interface Harness {
 async function harness(
   options: { beforeSplice?: (stream: MuxStream) => Promise<void> | void } = {},
 ): Promise<Harness> {
-  const [homeTransport, edgeTransport] = createMemoryTransportPair();
-  const home = new Mux(homeTransport, { role: "home", ...QUIET });
-  const edge = new Mux(edgeTransport, { role: "edge", ...QUIET });
-  cleanups.push(
-    () => home.close(),
-    () => edge.close(),
-  );
+  const { home, edge, close } = quietMuxPair();
+  cleanups.push(close);
 
   let serviceSocket!: (socket: net.Socket) => void;
   const service = new Promise<net.Socket>((resolve) => {
