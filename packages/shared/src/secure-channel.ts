@@ -67,6 +67,12 @@ export class SecureChannel extends EventEmitter<TransportEvents> implements Mess
     return this.#inner.bufferedAmount;
   }
 
+  /** The inner transport's preference less the tag each message gains here. */
+  get preferredMessageSize(): number | undefined {
+    const inner = this.#inner.preferredMessageSize;
+    return inner === undefined ? undefined : Math.min(MAX_SECURE_PLAINTEXT, inner - TAG_LENGTH);
+  }
+
   get closed(): boolean {
     return this.#closing || this.#inner.closed;
   }

@@ -204,6 +204,16 @@ describe("SecureChannel", () => {
     expect(home.closed).toBe(true);
   });
 
+  it("prefers the inner transport's message size less the tag, and nothing when the inner has none", () => {
+    const { homeInner, home } = setup();
+    expect(home.preferredMessageSize).toBeUndefined();
+    Object.defineProperty(homeInner, "preferredMessageSize", { value: 65_532, configurable: true });
+    expect(home.preferredMessageSize).toBe(65_516);
+    // Never above what one Noise message carries.
+    Object.defineProperty(homeInner, "preferredMessageSize", { value: 70_000 });
+    expect(home.preferredMessageSize).toBe(MAX_SECURE_PLAINTEXT);
+  });
+
   it("emits close exactly once", async () => {
     const { home } = setup();
     let closes = 0;
