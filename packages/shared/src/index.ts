@@ -9,6 +9,7 @@ export * from "./config.js";
 export * from "./doctor-report.js";
 export * from "./dsn.js";
 export * from "./errors.js";
+export * from "./gc-pacer.js";
 export * from "./group-commit.js";
 export * from "./handshake.js";
 export * from "./keys.js";

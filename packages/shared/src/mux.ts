@@ -19,7 +19,7 @@ import {
   type Frame,
   INITIAL_STREAM_CREDIT,
   MAX_CREDIT,
-  MAX_DATA_PAYLOAD,
+  MAX_MESSAGE_SIZE,
   MAX_RESET_REASON_SIZE,
   MessageBuilder,
   ResetCode,
@@ -83,6 +83,8 @@ const MAX_STREAM_ID = 0xffffffff;
  * writableHighWaterMark that pipe() honoured before sockets were wired to the engine directly.
  */
 const SPLICE_HIGH_WATER = 16 * 1024;
+/** A transport's preferredMessageSize below this is not honoured (see the Engine constructor). */
+const MIN_PREFERRED_MESSAGE_SIZE = 16 * 1024;
 
 type WriteCallback = (error?: Error | null) => void;
 const ignoreWriteResult: WriteCallback = () => {};
@@ -335,7 +337,9 @@ class Engine {
    * round-robin's order; it leaves when the next frame does not fit, at backpressure and at the end
    * of the flush, so a flush costs one Noise message per ~64 KiB rather than one per frame.
    */
-  private readonly message = new MessageBuilder();
+  private readonly message: MessageBuilder;
+  /** The largest DATA payload we send: a full frame alone fills a message of the transport's preferred size. */
+  private readonly dataLimit: number;
   private flushImmediate: NodeJS.Immediate | undefined;
   private waitingForDrain = false;
   private drainPoll: NodeJS.Timeout | undefined;
@@ -351,6 +355,14 @@ class Engine {
   ) {
     this.options = resolveOptions(options);
     this.nextLocalId = this.options.role === "home" ? 1 : 2;
+    const preferred = transport.preferredMessageSize;
+    // Far below 64 KiB the per-message costs would outweigh what a smaller message saves: ignored.
+    const messageSize =
+      preferred !== undefined && Number.isInteger(preferred) && preferred >= MIN_PREFERRED_MESSAGE_SIZE
+        ? Math.min(preferred, MAX_MESSAGE_SIZE)
+        : MAX_MESSAGE_SIZE;
+    this.message = new MessageBuilder(messageSize);
+    this.dataLimit = messageSize - FRAME_HEADER_SIZE;
     // A quarter, not half: the sender keeps three quarters of a window in flight while the grant travels.
     this.streamGrantThreshold = Math.max(1, Math.floor(this.options.initialWindow / 4));
     this.tunnelGrantThreshold = Math.max(1, Math.floor(this.options.tunnelBudget / 4));
@@ -940,7 +952,7 @@ class Engine {
   /**
    * Up to `limit` bytes from the data at the head of a stream's queue, as pieces of one DATA frame:
    * a frame is cut across the chunks the application wrote, so a stream fed 64 KiB socket reads
-   * sends full frames rather than a 65514-byte frame and a 22-byte one per read (each its own
+   * sends full frames rather than a full frame and a short one per read (each its own
    * Noise message, WebSocket frame and socket write on the far side). Chunks taken whole leave the
    * queue, their write callbacks collected.
    */
@@ -1047,7 +1059,7 @@ class Engine {
             continue;
           }
           this.acceptImplicitly(state);
-          const limit = Math.min(MAX_DATA_PAYLOAD, state.sendCredit, this.tunnelSendCredit);
+          const limit = Math.min(this.dataLimit, state.sendCredit, this.tunnelSendCredit);
           const [pieces, size] = this.takeData(state, limit, callbacks);
           this.queueData(state.id, pieces, size);
           state.sendCredit -= size;
@@ -1059,7 +1071,7 @@ class Engine {
             splice.paused = false;
             callbacks.push(splice.resume);
           }
-          if (size === MAX_DATA_PAYLOAD && this.holdTail(state, callbacks)) continue;
+          if (size === this.dataLimit && this.holdTail(state, callbacks)) continue;
         } else {
           state.out.shift();
           if (item.callback) {

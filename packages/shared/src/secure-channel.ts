@@ -3,6 +3,7 @@
 // replayed or forged message fails authentication and ends the channel: there is no resync.
 import { EventEmitter } from "node:events";
 import { ProtocolError } from "./errors.js";
+import { defaultGcPacer, type GcPacer } from "./gc-pacer.js";
 import { type CipherState, MAX_NOISE_MESSAGE, REKEY_AFTER_MESSAGES, TAG_LENGTH } from "./noise.js";
 import {
   CLOSE_GOING_AWAY,
@@ -18,6 +19,8 @@ export const MAX_SECURE_PLAINTEXT = MAX_NOISE_MESSAGE - TAG_LENGTH;
 export interface SecureChannelOptions {
   /** Close with CLOSE_GOING_AWAY "rekey" once either counter reaches this (default 2^48). */
   rekeyAfter?: number;
+  /** Told the size of every message sent and received (default: the process-wide defaultGcPacer). */
+  gcPacer?: GcPacer;
 }
 
 export class SecureChannel extends EventEmitter<TransportEvents> implements MessageTransport {
@@ -25,6 +28,7 @@ export class SecureChannel extends EventEmitter<TransportEvents> implements Mess
   readonly #send: CipherState;
   readonly #receive: CipherState;
   readonly #rekeyAfter: number;
+  readonly #gcPacer: GcPacer;
   #sent = 0;
   #received = 0;
   #closing = false;
@@ -50,6 +54,7 @@ export class SecureChannel extends EventEmitter<TransportEvents> implements Mess
     this.#send = ciphers.send;
     this.#receive = ciphers.receive;
     this.#rekeyAfter = rekeyAfter;
+    this.#gcPacer = options.gcPacer ?? defaultGcPacer;
     inner.on("message", this.#onMessage);
     inner.on("close", this.#onClose);
     inner.on("drain", this.#onDrain);
@@ -65,6 +70,12 @@ export class SecureChannel extends EventEmitter<TransportEvents> implements Mess
 
   get bufferedAmount(): number {
     return this.#inner.bufferedAmount;
+  }
+
+  /** The inner transport's preference less the tag each message gains here. */
+  get preferredMessageSize(): number | undefined {
+    const inner = this.#inner.preferredMessageSize;
+    return inner === undefined ? undefined : Math.min(MAX_SECURE_PLAINTEXT, inner - TAG_LENGTH);
   }
 
   get closed(): boolean {
@@ -91,6 +102,7 @@ export class SecureChannel extends EventEmitter<TransportEvents> implements Mess
     if (inner.sendParts) inner.sendParts(this.#send.encryptToParts(parts));
     else inner.send(this.#send.encryptParts(parts));
     this.#sent++;
+    this.#gcPacer.note(size + TAG_LENGTH);
     if (this.#send.nonce >= this.#rekeyAfter) this.#shutDown(CLOSE_GOING_AWAY, "rekey");
   }
 
@@ -109,6 +121,7 @@ export class SecureChannel extends EventEmitter<TransportEvents> implements Mess
       return;
     }
     this.#received++;
+    this.#gcPacer.note(ciphertext.byteLength);
     this.emit("message", plaintext);
     if (this.#receive.nonce >= this.#rekeyAfter) this.#shutDown(CLOSE_GOING_AWAY, "rekey");
   }

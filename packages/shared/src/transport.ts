@@ -19,6 +19,12 @@ export interface MessageTransport {
   sendParts?(parts: readonly Uint8Array[]): void;
   /** Bytes handed to send() that the underlying channel has not yet written out. */
   readonly bufferedAmount: number;
+  /**
+   * Optional: the largest message this transport carries without an extra cost on the receiving side
+   * (WebSocketTransport: a copy when a frame spans two socket reads). The mux fills its messages up
+   * to it rather than to the protocol's limit.
+   */
+  readonly preferredMessageSize?: number | undefined;
   close(code?: number, reason?: string): void;
   readonly closed: boolean;
   on<K extends keyof TransportEvents>(event: K, listener: (...args: TransportEvents[K]) => void): this;

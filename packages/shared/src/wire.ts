@@ -394,6 +394,18 @@ export class MessageBuilder {
   #frames: Uint8Array[][] = [];
   /** Size of the message if taken now as a BATCH (header and length prefixes included). */
   #batchSize = BATCH_HEADER_SIZE;
+  readonly #maxSize: number;
+
+  /**
+   * `maxSize` caps a message of several frames (a BATCH) below MAX_MESSAGE_SIZE, for a transport that
+   * carries smaller messages more cheaply; a lone frame may still be up to MAX_FRAME_SIZE.
+   */
+  constructor(maxSize: number = MAX_MESSAGE_SIZE) {
+    if (!Number.isInteger(maxSize) || maxSize < BATCH_HEADER_SIZE + BATCH_LENGTH_SIZE + FRAME_HEADER_SIZE) {
+      throw new RangeError(`a message size cap must be an integer of at least 12 bytes, not ${maxSize}`);
+    }
+    this.#maxSize = Math.min(maxSize, MAX_MESSAGE_SIZE);
+  }
 
   get frameCount(): number {
     return this.#frames.length;
@@ -409,7 +421,7 @@ export class MessageBuilder {
   /** The largest frame `add` accepts now: anything up to MAX_FRAME_SIZE while empty. */
   get room(): number {
     if (this.#frames.length === 0) return MAX_FRAME_SIZE;
-    return Math.max(0, MAX_MESSAGE_SIZE - this.#batchSize - BATCH_LENGTH_SIZE);
+    return Math.max(0, this.#maxSize - this.#batchSize - BATCH_LENGTH_SIZE);
   }
 
   /** Adds one encoded frame; false (and nothing added) when it does not fit. */

@@ -15,6 +15,9 @@ import {
   type TransportEvents,
 } from "./transport.js";
 
+/** What Node's stream_base reads from a socket at most per read (libuv's suggested size). */
+const SOCKET_READ_SIZE = 64 * 1024;
+
 export class WebSocketTransport extends EventEmitter<TransportEvents> implements MessageTransport {
   private outstanding = 0;
   private aboveLowWater = false;
@@ -40,6 +43,19 @@ export class WebSocketTransport extends EventEmitter<TransportEvents> implements
 
   get bufferedAmount(): number {
     return this.outstanding;
+  }
+
+  /**
+   * A whole frame of at most SOCKET_READ_SIZE bytes: Node reads a socket 64 KiB at a time, and ws
+   * hands on a payload that lies within one read as a view of it but copies one that spans two into
+   * a buffer of its own. A 65535-byte payload (the largest Noise message) makes a 65539-byte frame,
+   * which spans two reads every time (copied: 64 KiB more to allocate, copy and collect per message);
+   * at 64 KiB, back-to-back frames keep step with the reads. A server's frames have a 4-byte header
+   * at this size, a client's 8 (with the mask).
+   */
+  get preferredMessageSize(): number {
+    const server = (this.ws as unknown as { _isServer?: boolean })._isServer === true;
+    return SOCKET_READ_SIZE - (server ? 4 : 8);
   }
 
   get closed(): boolean {

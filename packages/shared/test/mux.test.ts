@@ -501,6 +501,69 @@ describe("fairness", () => {
   });
 });
 
+describe("a transport's preferredMessageSize", () => {
+  /** A pair whose home transport prefers messages of `preferred` bytes. */
+  function preferringPair(preferred: number) {
+    const [homeTransport, edgeTransport] = createMemoryTransportPair();
+    Object.defineProperty(homeTransport, "preferredMessageSize", { value: preferred });
+    const home = track(new Mux(homeTransport, { role: "home", ...QUIET }));
+    const edge = track(new Mux(edgeTransport, { role: "edge", ...QUIET }));
+    const sizes: number[] = [];
+    const send = homeTransport.send.bind(homeTransport);
+    homeTransport.send = (message: Uint8Array) => {
+      sizes.push(message.byteLength);
+      send(message);
+    };
+    const frames = tapSends(homeTransport);
+    return { home, edge, sizes, frames };
+  }
+
+  it("sizes DATA frames and batches to it, bytes and order intact", async () => {
+    const preferred = 65_536 - 4 - 16; // one 64 KiB socket read per WebSocket frame, less the Noise tag
+    const { home, edge, sizes, frames } = preferringPair(preferred);
+    const received: Promise<Buffer>[] = [];
+    const both = new Promise<void>((resolve) =>
+      edge.on("stream", (stream) => {
+        received.push(collect(stream));
+        if (received.length === 2) resolve();
+      }),
+    );
+    const small = failOnError(home.open("spool", {}));
+    small.end(randomBytes(40 * KiB));
+    const stream = failOnError(home.open("spool", {}));
+    const data = randomBytes(12 * 64 * KiB + 100);
+    stream.cork();
+    for (let offset = 0; offset < data.byteLength; offset += 64 * KiB) {
+      stream.write(data.subarray(offset, offset + 64 * KiB));
+    }
+    stream.uncork();
+    stream.end();
+    await both;
+    const [smallReceived, bulkReceived] = await Promise.all(received);
+    expect(smallReceived!.byteLength).toBe(40 * KiB);
+    expect(bulkReceived!.equals(data)).toBe(true);
+    const dataSizes = frames.flatMap((f) =>
+      f.type === "data" && f.stream === stream.id ? [f.data.byteLength] : [],
+    );
+    expect(Math.max(...dataSizes)).toBe(preferred - 5);
+    expect(dataSizes.slice(0, -1).every((size) => size === preferred - 5)).toBe(true);
+    expect(Math.max(...sizes)).toBe(preferred);
+  });
+
+  it("is ignored when it is not a sensible size: the protocol's limit applies", async () => {
+    for (const preferred of [100, Number.NaN, 70_000]) {
+      const { home, edge, sizes, frames } = preferringPair(preferred);
+      edge.on("stream", (stream) => stream.resume());
+      const stream = failOnError(home.open("spool", {}));
+      stream.end(Buffer.alloc(256 * KiB));
+      await once(stream, "finish");
+      const dataSizes = frames.flatMap((f) => (f.type === "data" ? [f.data.byteLength] : []));
+      expect(Math.max(...dataSizes)).toBe(MAX_DATA_PAYLOAD);
+      expect(Math.max(...sizes)).toBe(MAX_FRAME_SIZE);
+    }
+  });
+});
+
 describe("DATA frames across written chunks", () => {
   it("cuts full-size frames across 64 KiB chunks queued together, bytes and order intact", async () => {
     const { home, edge, homeTransport } = pair();

@@ -2,6 +2,7 @@ import { randomBytes } from "node:crypto";
 import { once } from "node:events";
 import { describe, expect, it } from "vitest";
 import { CryptoError, ProtocolError } from "../src/errors.js";
+import { GcPacer } from "../src/gc-pacer.js";
 import { type CipherState, generateKeyPair, HandshakeState } from "../src/noise.js";
 import { MAX_SECURE_PLAINTEXT, SecureChannel } from "../src/secure-channel.js";
 import {
@@ -202,6 +203,47 @@ describe("SecureChannel", () => {
     expect(await edgeClosed).toEqual([CLOSE_NORMAL, "bye"]);
     expect(await homeClosed).toEqual([CLOSE_NORMAL, "bye"]);
     expect(home.closed).toBe(true);
+  });
+
+  it("prefers the inner transport's message size less the tag, and nothing when the inner has none", () => {
+    const { homeInner, home } = setup();
+    expect(home.preferredMessageSize).toBeUndefined();
+    Object.defineProperty(homeInner, "preferredMessageSize", { value: 65_532, configurable: true });
+    expect(home.preferredMessageSize).toBe(65_516);
+    // Never above what one Noise message carries.
+    Object.defineProperty(homeInner, "preferredMessageSize", { value: 70_000 });
+    expect(home.preferredMessageSize).toBe(MAX_SECURE_PLAINTEXT);
+  });
+
+  it("tells its GC pacer the size of every message it sends and receives, tag included", async () => {
+    const [homeInner, edgeInner] = createMemoryTransportPair();
+    const { home: homeCiphers, edge: edgeCiphers } = handshake();
+    const collected = { home: 0, edge: 0 };
+    const budget = 3 * (100 + 16);
+    const home = new SecureChannel(homeInner, homeCiphers, {
+      gcPacer: new GcPacer(budget, () => collected.home++),
+    });
+    const edge = new SecureChannel(edgeInner, edgeCiphers, {
+      gcPacer: new GcPacer(budget, () => collected.edge++),
+    });
+    let arrived = 0;
+    edge.on("message", () => arrived++);
+    const sendAndSettle = async (count: number) => {
+      const target = arrived + count;
+      for (let i = 0; i < count; i++) home.sendParts([new Uint8Array(40), new Uint8Array(60)]);
+      while (arrived < target) await new Promise((resolve) => setImmediate(resolve));
+      await new Promise((resolve) => setImmediate(resolve));
+    };
+    await sendAndSettle(2);
+    expect(collected).toEqual({ home: 0, edge: 0 });
+    await sendAndSettle(1);
+    expect(collected).toEqual({ home: 1, edge: 1 });
+    // A message the channel refuses (over the limit) or drops (closed) is not traffic.
+    expect(() => home.send(new Uint8Array(MAX_SECURE_PLAINTEXT + 1))).toThrow(ProtocolError);
+    home.close();
+    home.send(new Uint8Array(10_000));
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(collected).toEqual({ home: 1, edge: 1 });
   });
 
   it("emits close exactly once", async () => {

@@ -475,4 +475,26 @@ describe("MessageBuilder", () => {
     builder.addData(7, Buffer.from("hi"));
     expect(builder.take().map((p) => toHex(p))).toEqual(["030000000768 69".replace(" ", "")]);
   });
+
+  it("caps a message of several frames at its maxSize; a lone frame may still be up to MAX_FRAME_SIZE", () => {
+    const builder = new MessageBuilder(65_516);
+    expect(builder.room).toBe(MAX_FRAME_SIZE);
+    expect(builder.add(fromHex("02 00000001"))).toBe(true);
+    expect(builder.room).toBe(65_516 - (5 + 2 + 5) - 2);
+    expect(builder.addData(3, new Uint8Array(builder.room - FRAME_HEADER_SIZE + 1))).toBe(false);
+    expect(builder.addData(3, new Uint8Array(builder.room - FRAME_HEADER_SIZE))).toBe(true);
+    expect(builder.size).toBe(65_516);
+    expect(Buffer.concat(builder.take()).byteLength).toBe(65_516);
+    // Alone, the largest frame the protocol allows still fits: the cap is the sender's preference.
+    expect(builder.addData(3, new Uint8Array(MAX_DATA_PAYLOAD))).toBe(true);
+    expect(Buffer.concat(builder.take()).byteLength).toBe(MAX_FRAME_SIZE);
+    // Above the protocol's limit it is the protocol's limit.
+    expect(new MessageBuilder(1 << 20).room).toBe(MAX_FRAME_SIZE);
+  });
+
+  it("refuses a maxSize too small for a BATCH of one frame", () => {
+    expect(() => new MessageBuilder(11)).toThrow(RangeError);
+    expect(() => new MessageBuilder(1.5e4 + 0.5)).toThrow(RangeError);
+    expect(new MessageBuilder(12).room).toBe(MAX_FRAME_SIZE);
+  });
 });

@@ -1,3 +1,4 @@
+import { randomBytes } from "node:crypto";
 import { once } from "node:events";
 import type { AddressInfo, Socket } from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
@@ -52,6 +53,22 @@ describe("WebSocketTransport", () => {
     // One writev of five WebSocket frames (header and payload each), not five writes.
     expect(writes).toEqual([10]);
     expect(edge.bufferedAmount).toBe(0);
+  });
+
+  it("prefers messages whose frame is one 64 KiB socket read (header: 4 bytes from a server, 8 from a client)", async () => {
+    const [edge, home] = await connectedPair();
+    expect(edge.preferredMessageSize).toBe(65_532);
+    expect(home.preferredMessageSize).toBe(65_528);
+    for (const [sender, receiver] of [
+      [edge, home],
+      [home, edge],
+    ] as const) {
+      const message = randomBytes(sender.preferredMessageSize);
+      const arrived = once(receiver, "message") as Promise<[Uint8Array]>;
+      sender.sendParts([message.subarray(0, 5), message.subarray(5)]);
+      const [received] = await arrived;
+      expect(Buffer.from(received).equals(message)).toBe(true);
+    }
   });
 
   it("sendParts frames the parts as one message either way, in order with send, at every length size", async () => {
