@@ -208,6 +208,40 @@ describe("hostile peers", () => {
     expect(body).toMatch(/upgrade mxtunnel on the edge/);
   });
 
+  it("a client that resets right after a refused upgrade does not take the edge down", async () => {
+    const edge = await makeEdge();
+    const port = Number(new URL(edge.url).port);
+    const uncaught: unknown[] = [];
+    const record = (error: unknown) => uncaught.push(error);
+    process.on("uncaughtException", record);
+    try {
+      // Refused before any WebSocket exists (404, 426): the HTTP server has let go of the socket.
+      for (let i = 0; i < 40; i++) {
+        const path = i % 2 === 0 ? "/nope" : TUNNEL_PATH;
+        const protocol = i % 2 === 0 ? "mxtunnel.v2" : "mxtunnel.v9";
+        const socket = net.connect(port, "127.0.0.1");
+        socket.on("error", () => {});
+        await once(socket, "connect");
+        socket.write(
+          `GET ${path} HTTP/1.1\r\nHost: edge\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
+            `Sec-WebSocket-Key: ${randomBytes(16).toString("base64")}\r\nSec-WebSocket-Version: 13\r\n` +
+            `Sec-WebSocket-Protocol: ${protocol}\r\n\r\n`,
+        );
+        // Half the time before the refusal can be read, half after it arrived.
+        if (i % 4 >= 2) await once(socket, "data");
+        socket.resetAndDestroy();
+        await once(socket, "close");
+      }
+      // The edge is still there and still pairs a home.
+      const home = await makeHome(await edge.token(), {}, "after-resets");
+      await waitFor(() => homeConnected(edge, "after-resets"), { what: "the home connected" });
+      expect(home.agent.status().edges[0]?.connected).toBe(true);
+    } finally {
+      process.off("uncaughtException", record);
+    }
+    expect(uncaught).toEqual([]);
+  });
+
   it("home names both versions when the edge speaks only a newer protocol", async () => {
     const server = net.createServer((socket) => {
       socket.once("data", () =>

@@ -412,6 +412,9 @@ function refuse(
   body: string,
   headers: Record<string, string> = {},
 ): void {
+  // After 'upgrade' the HTTP server no longer listens for the socket's errors: a client that resets
+  // while the refusal is written would otherwise raise an uncaught ECONNRESET and stop the edge.
+  socket.on("error", () => socket.destroy());
   const extra = Object.entries(headers)
     .map(([name, value]) => `${name}: ${value}\r\n`)
     .join("");
