@@ -52,10 +52,11 @@ export class SpoolStore {
   /** Verdict lines waiting for the next append, and how many lines auth.log holds. */
   private pendingVerdicts: string[] = [];
   private verdictLines = 0;
-  private readonly verdictWrites = new GroupCommit(() => this.writeVerdicts());
-  /** The next append, while verdicts gather for it, and when the last one started. */
-  private verdictFlush: Promise<void> | undefined;
-  private lastVerdictAppend = Number.NEGATIVE_INFINITY;
+  /**
+   * At most one append per VERDICT_APPEND_INTERVAL_MS: a backlog's verdicts go out together (the
+   * appends cost the edge's one thread more than the lines), a lone verdict at once.
+   */
+  private readonly verdictWrites = new GroupCommit(() => this.writeVerdicts(), VERDICT_APPEND_INTERVAL_MS);
 
   private constructor(
     readonly dir: string,
@@ -207,19 +208,7 @@ export class SpoolStore {
     if (!entry) return;
     entry.auth = auth;
     this.pendingVerdicts.push(authLine(id, auth));
-    // At most one append per VERDICT_APPEND_INTERVAL_MS: a backlog's verdicts go out together (the
-    // appends cost the edge's one thread more than the lines), a lone verdict at once.
-    if (!this.verdictFlush) {
-      const wait = this.lastVerdictAppend + VERDICT_APPEND_INTERVAL_MS - performance.now();
-      this.verdictFlush = (
-        wait > 0 ? new Promise<void>((resolve) => setTimeout(resolve, wait)) : Promise.resolve()
-      ).then(() => {
-        this.verdictFlush = undefined;
-        this.lastVerdictAppend = performance.now();
-        return this.verdictWrites.request();
-      });
-    }
-    await this.verdictFlush;
+    await this.verdictWrites.request();
   }
 
   /** Makes every entry due now (queue flush). */

@@ -36,6 +36,8 @@ export async function connectToEdge(
     });
     ws.once("unexpected-response", (_req, res) => {
       let body = "";
+      // Listening for the response takes it out of ws's hands: a reset while its body arrives is ours.
+      res.on("error", (error) => fail(error));
       res.setEncoding("utf8");
       res.on("data", (chunk: string) => {
         if (body.length < 1024) body += chunk;

@@ -357,7 +357,6 @@ export interface SpoolSealerOptions {
 }
 
 interface PooledEphemeral {
-  spoolPublicKey: Buffer;
   /** base64url of the ephemeral public key, as the header carries it. */
   publicKey: string;
   /** box.before(spool key, ephemeral secret): the secret the body key is derived from. */
@@ -405,7 +404,6 @@ export class EphemeralKeyPool {
     if (!entry) {
       const fresh = freshEphemeral(spoolPublicKey);
       entry = {
-        spoolPublicKey: Buffer.from(spoolPublicKey),
         publicKey: fresh.publicKey,
         shared: fresh.shared,
         uses: 0,
@@ -422,7 +420,7 @@ export class EphemeralKeyPool {
     return { publicKey: entry.publicKey, shared: entry.shared.slice() };
   }
 
-  /** Wipes every held secret (e.g. when the agent stops). The pool stays usable. */
+  /** Wipes every held secret now rather than at the end of its window. The pool stays usable. */
   clear(): void {
     for (const [name, entry] of this.#entries) this.#drop(name, entry);
   }

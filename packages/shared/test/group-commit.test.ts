@@ -1,4 +1,4 @@
-import { describe, expect, it } from "vitest";
+import { describe, expect, it, vi } from "vitest";
 import { GroupCommit } from "../src/group-commit.js";
 
 /** A step whose runs finish only when the test says so. */
@@ -33,6 +33,25 @@ describe("GroupCommit", () => {
     runs[1]?.finish();
     await Promise.all(during);
     expect(order).toEqual(["first", "during 1", "during 2", "during 3"]);
+    expect(runs).toHaveLength(2);
+  });
+
+  it("with a minimum interval, a lone request runs at once and a burst right after waits and shares one run", async () => {
+    const { runs, step } = controlledStep();
+    const group = new GroupCommit(step, 50);
+    const first = group.request();
+    expect(runs).toHaveLength(1);
+    runs[0]?.finish();
+    await first;
+    // Right after the first run: not started at once, and everything asked meanwhile joins it.
+    const burst = [group.request(), group.request()];
+    await settled();
+    expect(runs).toHaveLength(1);
+    const late = group.request();
+    expect(late).toBe(burst[0]);
+    await vi.waitFor(() => expect(runs).toHaveLength(2), { timeout: 5_000, interval: 5 });
+    runs[1]?.finish();
+    await Promise.all([...burst, late]);
     expect(runs).toHaveLength(2);
   });
 
