@@ -115,6 +115,18 @@ export function cpuDelta(before, after) {
   return out;
 }
 
+/** The machine's CPU time counters (/proc/stat's first line, in ticks); see idleShare. */
+export function machineTicks() {
+  return readFileSync("/proc/stat", "utf8").split("\n")[0].trim().split(/\s+/).slice(1).map(Number);
+}
+
+/** The share of all CPU time that was idle between two machineTicks() readings. */
+export function idleShare(before, after) {
+  const delta = after.map((value, i) => value - before[i]);
+  const total = delta.reduce((sum, value) => sum + value, 0);
+  return total > 0 ? delta[3] / total : Number.NaN;
+}
+
 export async function freePort(host = "127.0.0.1") {
   const server = net.createServer();
   await new Promise((resolve) => server.listen(0, host, resolve));

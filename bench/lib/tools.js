@@ -61,6 +61,32 @@ export async function startNodeProxy(targetPort) {
   return { port, proc, pid: proc.pid, stop: () => proc.stop() };
 }
 
+/**
+ * The issue's throwaway two-hop WebSocket multiplexer (bare-mux.js): a front process taking clients
+ * and a back process connecting to `targetPort`, joined by one WebSocket; `chacha` seals each message.
+ */
+export async function startBareMux(targetPort, { chacha = false } = {}) {
+  const port = await freePort();
+  const wsPort = await freePort();
+  const script = join(HERE, "bare-mux.js");
+  const mode = chacha ? ["chacha"] : [];
+  const front = spawnTool(process.execPath, [script, "front", String(port), String(wsPort), ...mode], {
+    label: "bare-mux front",
+  });
+  await waitFor("the bare mux's front", () => portOpen(wsPort));
+  const back = spawnTool(process.execPath, [script, "back", String(wsPort), String(targetPort), ...mode], {
+    label: "bare-mux back",
+  });
+  await waitFor("the bare mux's back", () => portOpen(port));
+  return {
+    port,
+    pids: { front: front.pid, back: back.pid },
+    stop: async () => {
+      await Promise.all([front.stop(), back.stop()]);
+    },
+  };
+}
+
 export async function startByteSink() {
   const port = await freePort();
   const proc = spawnTool(process.execPath, [join(HERE, "byte-sink.js"), String(port)], {

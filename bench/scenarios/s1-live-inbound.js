@@ -1,15 +1,17 @@
 // Scenario 1: live inbound, many small messages. smtp-source (20 sessions, 4 KiB messages) into
 // smtp-sink directly (the anchor, 1.0), through the bare Node proxy, through two of them in a row (the
-// tunnel's two processes with neither crypto nor multiplexing), through OpenSSH -L, and through
-// edge → tunnel → home. Repetitions interleave the paths so every ratio compares the same moment.
-// Also: CPU time per message of each agent and a CPU profile of both agents.
+// tunnel's two processes with neither crypto nor multiplexing), through the issue's throwaway two-hop
+// WebSocket multiplexer (no crypto, no batching, no flow control) and the same with each message
+// sealed by ChaCha20-Poly1305, through OpenSSH -L, and through edge → tunnel → home. Repetitions
+// interleave the paths so every ratio compares the same moment. Also: CPU time per message of each
+// two-process path, the machine's idle share during each, and a CPU profile of both agents.
 import { mkdir, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { startAgents } from "../lib/agents.js";
 import { hottest, newestProfile } from "../lib/cpuprofile.js";
-import { cpuDelta, cpuSnapshot } from "../lib/proc.js";
+import { cpuDelta, cpuSnapshot, idleShare, machineTicks } from "../lib/proc.js";
 import { fmt, median } from "../lib/stats.js";
-import { smtpSource, startNodeProxy, startSink, startSshTunnel } from "../lib/tools.js";
+import { smtpSource, startBareMux, startNodeProxy, startSink, startSshTunnel } from "../lib/tools.js";
 
 export const title = "1. Live inbound, small messages (smtp-source → … → smtp-sink)";
 
@@ -21,6 +23,8 @@ export async function run({ quick, runs, resultsDir, log }) {
   const sink = await startSink();
   const proxy = await startNodeProxy(sink.port);
   const twoHop = await startNodeProxy(proxy.port);
+  const bareMux = await startBareMux(sink.port);
+  const sealedMux = await startBareMux(sink.port, { chacha: true });
   let ssh;
   try {
     ssh = await startSshTunnel(sink.port);
@@ -35,32 +39,34 @@ export async function run({ quick, runs, resultsDir, log }) {
     // long-lived agents is measured, not V8 compiling their hot paths during run 1 (which was 20-40 %
     // below runs 2-3 in every earlier run). OpenSSH is C and is not warmed.
     const warmUp = quick ? 200 : 1000;
-    for (const port of [sink.port, proxy.port, twoHop.port, agents.smtpPort]) {
-      await smtpSource(port, { sessions, messages: warmUp, size });
-    }
+    const paths = [sink.port, proxy.port, twoHop.port, bareMux.port, sealedMux.port, agents.smtpPort];
+    for (const port of paths) await smtpSource(port, { sessions, messages: warmUp, size });
+    // One smtp-source load through `port`: its rate, the CPU per message of `pids` together (their
+    // sum, or each one's with `split`) and the share of the machine left idle meanwhile.
+    const measure = async (port, pids, { count = messages, split = false } = {}) => {
+      const c0 = cpuSnapshot(pids);
+      const t0 = machineTicks();
+      const load = await smtpSource(port, { sessions, messages: count, size });
+      const idle = idleShare(t0, machineTicks());
+      const cpu = cpuDelta(c0, cpuSnapshot(pids));
+      const perMsg = Object.fromEntries(Object.entries(cpu).map(([k, s]) => [k, (s * 1000) / count]));
+      const total = Object.values(perMsg).reduce((sum, ms) => sum + ms, 0);
+      return { ...load, idle, cpuPerMsgMs: split ? perMsg : total };
+    };
     for (let i = 0; i < runs; i++) {
       const rep = {};
-      rep.direct = await smtpSource(sink.port, { sessions, messages, size });
-      const p0 = cpuSnapshot({ proxy: proxy.pid });
-      rep.proxy = await smtpSource(proxy.port, { sessions, messages, size });
-      rep.proxy.cpuPerMsgMs = (cpuDelta(p0, cpuSnapshot({ proxy: proxy.pid })).proxy * 1000) / messages;
-      const t0 = cpuSnapshot({ first: twoHop.pid, second: proxy.pid });
-      rep.twoHop = await smtpSource(twoHop.port, { sessions, messages, size });
-      const twoHopCpu = cpuDelta(t0, cpuSnapshot({ first: twoHop.pid, second: proxy.pid }));
-      rep.twoHop.cpuPerMsgMs = ((twoHopCpu.first + twoHopCpu.second) * 1000) / messages;
-      if (ssh) {
-        const s0 = cpuSnapshot(ssh.pids);
-        rep.ssh = await smtpSource(ssh.port, { sessions, messages: sshMessages, size });
-        rep.ssh.cpuPerMsgMs = (cpuDelta(s0, cpuSnapshot(ssh.pids)).ssh * 1000) / sshMessages;
-      }
-      const c0 = cpuSnapshot(agents.pids());
-      rep.tunnel = await smtpSource(agents.smtpPort, { sessions, messages, size });
-      const cpu = cpuDelta(c0, cpuSnapshot(agents.pids()));
-      rep.tunnel.cpuPerMsgMs = { edge: (cpu.edge * 1000) / messages, home: (cpu.home * 1000) / messages };
+      rep.direct = await measure(sink.port, {});
+      rep.proxy = await measure(proxy.port, { proxy: proxy.pid });
+      rep.twoHop = await measure(twoHop.port, { first: twoHop.pid, second: proxy.pid });
+      rep.bareMux = await measure(bareMux.port, bareMux.pids);
+      rep.sealedMux = await measure(sealedMux.port, sealedMux.pids);
+      if (ssh) rep.ssh = await measure(ssh.port, ssh.pids, { count: sshMessages });
+      rep.tunnel = await measure(agents.smtpPort, agents.pids(), { split: true });
       reps.push(rep);
       log(
         `  run ${i + 1}: direct ${fmt(rep.direct.rate)} msg/s, node proxy ${fmt(rep.proxy.rate)}, ` +
-          `two node proxies ${fmt(rep.twoHop.rate)}, ` +
+          `two node proxies ${fmt(rep.twoHop.rate)}, bare ws mux ${fmt(rep.bareMux.rate)}, ` +
+          `sealed bare ws mux ${fmt(rep.sealedMux.rate)}, ` +
           `ssh -L ${rep.ssh ? fmt(rep.ssh.rate) : "n/a"}, tunnel ${fmt(rep.tunnel.rate)} ` +
           `(ratio ${fmt(rep.tunnel.rate / rep.direct.rate)})`,
       );
@@ -91,6 +97,8 @@ export async function run({ quick, runs, resultsDir, log }) {
     const file = await newestProfile(join(profileDir, role));
     if (file) profiles[role] = { file, ...(await hottest(file, { top: 5 })) };
   }
+  await sealedMux.stop();
+  await bareMux.stop();
   await twoHop.stop();
   await proxy.stop();
   await ssh?.stop();
@@ -103,16 +111,21 @@ export async function run({ quick, runs, resultsDir, log }) {
       direct: median(reps.map((r) => r.direct.rate)),
       nodeProxy: median(reps.map((r) => r.proxy.rate)),
       twoNodeProxies: median(reps.map((r) => r.twoHop.rate)),
+      bareWsMux: median(reps.map((r) => r.bareMux.rate)),
+      sealedBareWsMux: median(reps.map((r) => r.sealedMux.rate)),
       ssh: ssh ? median(reps.map((r) => r.ssh.rate)) : null,
       tunnel: median(reps.map((r) => r.tunnel.rate)),
     },
     ratioToDirect: {
       nodeProxy: ratio("proxy"),
       twoNodeProxies: ratio("twoHop"),
+      bareWsMux: ratio("bareMux"),
+      sealedBareWsMux: ratio("sealedMux"),
       ssh: ssh ? ratio("ssh") : null,
       tunnel: ratio("tunnel"),
     },
     tunnelVsTwoNodeProxies: median(reps.map((r) => r.tunnel.rate / r.twoHop.rate)),
+    tunnelVsSealedBareWsMux: median(reps.map((r) => r.tunnel.rate / r.sealedMux.rate)),
     tunnelVsSsh: ssh ? median(reps.map((r) => r.tunnel.rate / r.ssh.rate)) : null,
     tunnelVsNodeProxy: median(reps.map((r) => r.tunnel.rate / r.proxy.rate)),
     cpuPerMsgMs: {
@@ -120,8 +133,16 @@ export async function run({ quick, runs, resultsDir, log }) {
       home: median(reps.map((r) => r.tunnel.cpuPerMsgMs.home)),
       nodeProxy: median(reps.map((r) => r.proxy.cpuPerMsgMs)),
       twoNodeProxies: median(reps.map((r) => r.twoHop.cpuPerMsgMs)),
+      bareWsMux: median(reps.map((r) => r.bareMux.cpuPerMsgMs)),
+      sealedBareWsMux: median(reps.map((r) => r.sealedMux.cpuPerMsgMs)),
       sshClient: ssh ? median(reps.map((r) => r.ssh.cpuPerMsgMs)) : null,
     },
+    idleShare: Object.fromEntries(
+      ["direct", "proxy", "twoHop", "bareMux", "sealedMux", "tunnel"].map((path) => [
+        path,
+        median(reps.map((r) => r[path].idle)),
+      ]),
+    ),
     rssMiB: { edge: memory.edge, home: memory.home },
     profiles,
     reps,
@@ -129,8 +150,12 @@ export async function run({ quick, runs, resultsDir, log }) {
   log(
     `  median: tunnel ${fmt(result.msgsPerSec.tunnel)} msg/s = ${fmt(result.ratioToDirect.tunnel)} of direct ` +
       `(node proxy ${fmt(result.ratioToDirect.nodeProxy)}, two node proxies ` +
-      `${fmt(result.ratioToDirect.twoNodeProxies)}, ssh ${fmt(result.ratioToDirect.ssh)}); ` +
-      `CPU/msg edge ${fmt(result.cpuPerMsgMs.edge)} ms, home ${fmt(result.cpuPerMsgMs.home)} ms`,
+      `${fmt(result.ratioToDirect.twoNodeProxies)}, bare ws mux ${fmt(result.ratioToDirect.bareWsMux)}, ` +
+      `sealed bare ws mux ${fmt(result.ratioToDirect.sealedBareWsMux)}, ssh ${fmt(result.ratioToDirect.ssh)}); ` +
+      `CPU/msg edge ${fmt(result.cpuPerMsgMs.edge)} ms, home ${fmt(result.cpuPerMsgMs.home)} ms ` +
+      `(two proxies ${fmt(result.cpuPerMsgMs.twoNodeProxies)}, sealed bare mux ${fmt(result.cpuPerMsgMs.sealedBareWsMux)}); ` +
+      `machine idle: tunnel ${fmt(result.idleShare.tunnel * 100, 2)} %, two proxies ` +
+      `${fmt(result.idleShare.twoHop * 100, 2)} %, sealed bare mux ${fmt(result.idleShare.sealedMux * 100, 2)} %`,
   );
   for (const [role, p] of Object.entries(profiles)) {
     log(
