@@ -162,7 +162,11 @@ describe.skipIf(!ready)("crashes while spooling and draining", () => {
     await kill9(binary);
   }, 240_000);
 
-  it("kill -9 of home during the drain: nothing lost, nothing delivered twice", async () => {
+  // Injection is at-least-once, as SMTP is (RFC 5321 §6.1): home records a message in its injected
+  // log after Postfix's 250, so a kill between that 250 and the record's fsync sends the message again
+  // when home is back. Each kill can duplicate at most the one message in flight (drainConcurrency 1);
+  // more than that, or a third copy, would mean the log is not consulted.
+  it("kill -9 of home during the drain: nothing lost; at most the message in flight at a kill twice", async () => {
     const recipients = join(await tempDir("rcpt"), "list");
     await writeFile(recipients, `dave@${postfix.domain}\n`);
     const edge = await makeEdge({
@@ -206,7 +210,8 @@ describe.skipIf(!ready)("crashes while spooling and draining", () => {
     expect(edge.agent.spool.store.size).toBe(12);
 
     // Kill home each time the edge has just retired a message: the next one is then mid-transfer.
-    for (const left of [10, 6, 3]) {
+    const kills = [10, 6, 3];
+    for (const left of kills) {
       home = spawnAgent(HOME, homeDir, children);
       await waitFor(() => edge.agent.spool.store.size <= left, {
         what: `spool down to ${left}`,
@@ -227,7 +232,16 @@ describe.skipIf(!ready)("crashes while spooling and draining", () => {
       },
       { what: "all 12 in dave's Maildir", timeoutMs: 30_000 },
     );
-    expect(tags.filter((tag) => copies.get(tag) !== 1)).toEqual([]);
+    const twice = tags.filter((tag) => copies.get(tag) === 2);
+    console.info(
+      `home kill -9 ×${kills.length} during the drain: 12 delivered, ${twice.length} twice` +
+        (twice.length
+          ? ` (${twice.join(", ")}: killed after Postfix's 250, before the injected log's record)`
+          : ""),
+    );
+    expect(tags.filter((tag) => !copies.has(tag))).toEqual([]);
+    expect(tags.filter((tag) => (copies.get(tag) ?? 0) > 2)).toEqual([]);
+    expect(twice.length).toBeLessThanOrEqual(kills.length);
     await kill9(home);
   }, 180_000);
 });
