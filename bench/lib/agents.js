@@ -13,14 +13,27 @@ export const HOME_CLI = join(ROOT, "packages/home/dist/cli.js");
 
 /** The node flags an agent's installed bin runs with (its shebang line), so the bench measures the
  * agents as users run them. */
-function binNodeFlags(bin) {
-  const shebang = readFileSync(join(ROOT, bin), "utf8").split("\n")[0];
+function binNodeFlags(bin, root = ROOT) {
+  const shebang = readFileSync(join(root, bin), "utf8").split("\n")[0];
   const match = /^#!\/usr\/bin\/env (?:-S )?node(.*)$/.exec(shebang);
   if (!match) throw new Error(`${bin}: unexpected shebang ${shebang}`);
   return match[1].trim().split(/\s+/).filter(Boolean);
 }
 export const EDGE_NODE_FLAGS = binNodeFlags("packages/edge/bin/mxtunnel-edge.js");
 export const HOME_NODE_FLAGS = binNodeFlags("packages/home/bin/mxtunnel-home.js");
+
+/** The CLIs and node flags of the agents built in checkout `root` (this one by default). */
+function agentBuild(root) {
+  if (root === ROOT) {
+    return { edgeCli: EDGE_CLI, homeCli: HOME_CLI, edgeFlags: EDGE_NODE_FLAGS, homeFlags: HOME_NODE_FLAGS };
+  }
+  return {
+    edgeCli: join(root, "packages/edge/dist/cli.js"),
+    homeCli: join(root, "packages/home/dist/cli.js"),
+    edgeFlags: binNodeFlags("packages/edge/bin/mxtunnel-edge.js", root),
+    homeFlags: binNodeFlags("packages/home/bin/mxtunnel-home.js", root),
+  };
+}
 
 function deepSet(target, path, value) {
   const keys = path.split(".");
@@ -40,9 +53,19 @@ async function editJson(file, settings) {
 
 /**
  * Edge + home on loopback. `inject` is the home's smtp target ("127.0.0.1:PORT"); `edge`/`home` are
- * extra config keys (dotted paths); `nodeArgs.edge/home` extra node flags (e.g. --cpu-prof).
+ * extra config keys (dotted paths); `nodeArgs.edge/home` extra node flags (e.g. --cpu-prof); `checkout`
+ * another checkout whose built agents to run instead of this one's (bench/compare.js); `env` their environment.
  */
-export async function startAgents({ inject, edge = {}, home = {}, nodeArgs = {}, logLevel = "warn" } = {}) {
+export async function startAgents({
+  inject,
+  edge = {},
+  home = {},
+  nodeArgs = {},
+  logLevel = "warn",
+  checkout = ROOT,
+  env = process.env,
+} = {}) {
+  const { edgeCli, homeCli, edgeFlags, homeFlags } = agentBuild(resolve(checkout));
   const root = await mkdtemp(join(tmpdir(), "mxt-bench-"));
   const edgeDir = join(root, "edge");
   const homeDir = join(root, "home");
@@ -50,7 +73,7 @@ export async function startAgents({ inject, edge = {}, home = {}, nodeArgs = {},
   const tunnelPort = await freePort();
   const url = `ws://127.0.0.1:${tunnelPort}`;
   await mustRun(process.execPath, [
-    EDGE_CLI,
+    edgeCli,
     "init",
     "--dir",
     edgeDir,
@@ -72,18 +95,19 @@ export async function startAgents({ inject, edge = {}, home = {}, nodeArgs = {},
     "limits.maxConnectionsPerIp": 5000,
     ...edge,
   });
-  const paired = await mustRun(process.execPath, [EDGE_CLI, "pair", "--dir", edgeDir]);
+  const paired = await mustRun(process.execPath, [edgeCli, "pair", "--dir", edgeDir]);
   const token = paired.stdout.trim().split("\n").at(-1).trim();
 
   const edgeProc = spawnTool(
     process.execPath,
-    [...EDGE_NODE_FLAGS, ...(nodeArgs.edge ?? []), EDGE_CLI, "run", "--dir", edgeDir],
+    [...edgeFlags, ...(nodeArgs.edge ?? []), edgeCli, "run", "--dir", edgeDir],
     {
       label: "edge",
+      env,
     },
   );
   await waitFor("the edge's SMTP port", () => canConnect(smtpPort), 15_000);
-  await mustRun(process.execPath, [HOME_CLI, "pair", "-", "--dir", homeDir], { input: `${token}\n` });
+  await mustRun(process.execPath, [homeCli, "pair", "-", "--dir", homeDir], { input: `${token}\n` });
   await editJson(join(homeDir, "home.json"), {
     "postfix.inject": inject,
     "postfix.proxyProtocol": "off",
@@ -95,9 +119,10 @@ export async function startAgents({ inject, edge = {}, home = {}, nodeArgs = {},
   });
   const homeProc = spawnTool(
     process.execPath,
-    [...HOME_NODE_FLAGS, ...(nodeArgs.home ?? []), HOME_CLI, "run", "--dir", homeDir],
+    [...homeFlags, ...(nodeArgs.home ?? []), homeCli, "run", "--dir", homeDir],
     {
       label: "home",
+      env,
     },
   );
   // Live once the edge reports the home connected (a 220 alone proves nothing: the spool answers too).
