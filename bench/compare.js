@@ -9,9 +9,8 @@
 import { existsSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { startAgents } from "./lib/agents.js";
-import { cpuDelta, cpuSnapshot, idleShare, machineTicks } from "./lib/proc.js";
 import { fmt, median } from "./lib/stats.js";
-import { smtpSource, startBareMux, startNodeProxy, startSink } from "./lib/tools.js";
+import { measuredLoad, smtpSource, startBareMux, startNodeProxy, startSink } from "./lib/tools.js";
 
 const USAGE =
   "usage: npm run bench:compare -- [--runs N] [--sessions N] [--messages N] [--sealed-mux] " +
@@ -106,14 +105,12 @@ async function main() {
       const line = [];
       let direct;
       for (const path of paths) {
-        const c0 = cpuSnapshot(path.pids);
-        const t0 = machineTicks();
-        const { rate } = await smtpSource(path.port, { sessions, messages, size });
-        const idle = idleShare(t0, machineTicks());
-        const cpu = Object.values(cpuDelta(c0, cpuSnapshot(path.pids))).reduce((sum, s) => sum + s, 0);
+        const load = await measuredLoad(path.port, path.pids, { sessions, messages, size });
+        const { rate, idle } = load;
+        const cpu = Object.values(load.cpuPerMsgMs).reduce((sum, ms) => sum + ms, 0);
         direct ??= rate;
         ratios.get(path.name).push(rate / direct);
-        const cpuPart = path.name === "direct" ? "" : `, ${fmt((cpu * 1000) / messages)} ms/msg`;
+        const cpuPart = path.name === "direct" ? "" : `, ${fmt(cpu)} ms/msg`;
         line.push(
           `${path.name} ${fmt(rate)} (${fmt(rate / direct)}${cpuPart}, idle ${fmt(idle * 100, 2)} %)`,
         );

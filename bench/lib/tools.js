@@ -6,7 +6,17 @@ import net from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { freePort, mustRun, runTool, spawnTool, waitFor } from "./proc.js";
+import {
+  cpuDelta,
+  cpuSnapshot,
+  freePort,
+  idleShare,
+  machineTicks,
+  mustRun,
+  runTool,
+  spawnTool,
+  waitFor,
+} from "./proc.js";
 import { readBanner } from "./smtp-client.js";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
@@ -50,6 +60,22 @@ export async function smtpSource(
   const result = await runTool(SMTP_SOURCE, args);
   if (result.code !== 0) throw new Error(`smtp-source failed (${result.code}): ${result.stderr.slice(-500)}`);
   return { ms: result.ms, rate: messages / (result.ms / 1000), stderr: result.stderr };
+}
+
+/**
+ * One smtp-source load (`smtpSource`'s options) through `port`, with the CPU time per message of each
+ * process in `pids` ({label: pid}, in ms) and the share of the machine left idle meanwhile.
+ */
+export async function measuredLoad(port, pids, load) {
+  const cpu0 = cpuSnapshot(pids);
+  const ticks0 = machineTicks();
+  const result = await smtpSource(port, load);
+  const idle = idleShare(ticks0, machineTicks());
+  const cpu = cpuDelta(cpu0, cpuSnapshot(pids));
+  const cpuPerMsgMs = Object.fromEntries(
+    Object.entries(cpu).map(([label, seconds]) => [label, (seconds * 1000) / load.messages]),
+  );
+  return { ...result, idle, cpuPerMsgMs };
 }
 
 export async function startNodeProxy(targetPort) {

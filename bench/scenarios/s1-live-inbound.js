@@ -9,9 +9,15 @@ import { mkdir, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { startAgents } from "../lib/agents.js";
 import { hottest, newestProfile } from "../lib/cpuprofile.js";
-import { cpuDelta, cpuSnapshot, idleShare, machineTicks } from "../lib/proc.js";
 import { fmt, median } from "../lib/stats.js";
-import { smtpSource, startBareMux, startNodeProxy, startSink, startSshTunnel } from "../lib/tools.js";
+import {
+  measuredLoad,
+  smtpSource,
+  startBareMux,
+  startNodeProxy,
+  startSink,
+  startSshTunnel,
+} from "../lib/tools.js";
 
 export const title = "1. Live inbound, small messages (smtp-source → … → smtp-sink)";
 
@@ -41,17 +47,12 @@ export async function run({ quick, runs, resultsDir, log }) {
     const warmUp = quick ? 200 : 1000;
     const paths = [sink.port, proxy.port, twoHop.port, bareMux.port, sealedMux.port, agents.smtpPort];
     for (const port of paths) await smtpSource(port, { sessions, messages: warmUp, size });
-    // One smtp-source load through `port`: its rate, the CPU per message of `pids` together (their
-    // sum, or each one's with `split`) and the share of the machine left idle meanwhile.
+    // The CPU per message of a path's processes together, or of each agent (`split`).
     const measure = async (port, pids, { count = messages, split = false } = {}) => {
-      const c0 = cpuSnapshot(pids);
-      const t0 = machineTicks();
-      const load = await smtpSource(port, { sessions, messages: count, size });
-      const idle = idleShare(t0, machineTicks());
-      const cpu = cpuDelta(c0, cpuSnapshot(pids));
-      const perMsg = Object.fromEntries(Object.entries(cpu).map(([k, s]) => [k, (s * 1000) / count]));
-      const total = Object.values(perMsg).reduce((sum, ms) => sum + ms, 0);
-      return { ...load, idle, cpuPerMsgMs: split ? perMsg : total };
+      const load = await measuredLoad(port, pids, { sessions, messages: count, size });
+      if (split) return load;
+      const total = Object.values(load.cpuPerMsgMs).reduce((sum, ms) => sum + ms, 0);
+      return { ...load, cpuPerMsgMs: total };
     };
     for (let i = 0; i < runs; i++) {
       const rep = {};
