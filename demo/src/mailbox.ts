@@ -51,6 +51,9 @@ export async function startMailbox(
       });
     },
   });
+  // smtp-server re-emits every session's socket error (a client that resets, as home does when the
+  // tunnel is cut mid-message) on the server: without a listener that stops the process.
+  smtp.on("error", () => {});
   const sockets = new Set<net.Socket>();
   const server = net.createServer((socket) => {
     sockets.add(socket);

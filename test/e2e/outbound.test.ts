@@ -81,6 +81,8 @@ async function startReceiver() {
       });
     },
   });
+  // smtp-server re-emits a session's socket errors (a reset mid-transaction) on the server.
+  server.on("error", () => {});
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
   return {
     port: (server.server.address() as AddressInfo).port,

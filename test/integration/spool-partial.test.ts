@@ -62,6 +62,8 @@ async function startHomeMta(): Promise<{
       });
     },
   });
+  // smtp-server re-emits a session's socket errors (a reset mid-transaction) on the server.
+  server.on("error", () => {});
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
   const port = (server.server.address() as { port: number }).port;
   return {
