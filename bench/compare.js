@@ -106,8 +106,7 @@ async function main() {
       let direct;
       for (const path of paths) {
         const load = await measuredLoad(path.port, path.pids, { sessions, messages, size });
-        const { rate, idle } = load;
-        const cpu = Object.values(load.cpuPerMsgMs).reduce((sum, ms) => sum + ms, 0);
+        const { rate, idle, totalCpuPerMsgMs: cpu } = load;
         direct ??= rate;
         ratios.get(path.name).push(rate / direct);
         const cpuPart = path.name === "direct" ? "" : `, ${fmt(cpu)} ms/msg`;

@@ -8,32 +8,30 @@ import { fileURLToPath } from "node:url";
 import { freePort, memoryMiB, mustRun, spawnTool, waitFor } from "./proc.js";
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
-export const EDGE_CLI = join(ROOT, "packages/edge/dist/cli.js");
-export const HOME_CLI = join(ROOT, "packages/home/dist/cli.js");
-
 /** The node flags an agent's installed bin runs with (its shebang line), so the bench measures the
  * agents as users run them. */
-function binNodeFlags(bin, root = ROOT) {
+function binNodeFlags(root, bin) {
   const shebang = readFileSync(join(root, bin), "utf8").split("\n")[0];
   const match = /^#!\/usr\/bin\/env (?:-S )?node(.*)$/.exec(shebang);
   if (!match) throw new Error(`${bin}: unexpected shebang ${shebang}`);
   return match[1].trim().split(/\s+/).filter(Boolean);
 }
-export const EDGE_NODE_FLAGS = binNodeFlags("packages/edge/bin/mxtunnel-edge.js");
-export const HOME_NODE_FLAGS = binNodeFlags("packages/home/bin/mxtunnel-home.js");
 
-/** The CLIs and node flags of the agents built in checkout `root` (this one by default). */
+/** The CLIs and node flags of the agents built in checkout `root`. */
 function agentBuild(root) {
-  if (root === ROOT) {
-    return { edgeCli: EDGE_CLI, homeCli: HOME_CLI, edgeFlags: EDGE_NODE_FLAGS, homeFlags: HOME_NODE_FLAGS };
-  }
   return {
     edgeCli: join(root, "packages/edge/dist/cli.js"),
     homeCli: join(root, "packages/home/dist/cli.js"),
-    edgeFlags: binNodeFlags("packages/edge/bin/mxtunnel-edge.js", root),
-    homeFlags: binNodeFlags("packages/home/bin/mxtunnel-home.js", root),
+    edgeFlags: binNodeFlags(root, "packages/edge/bin/mxtunnel-edge.js"),
+    homeFlags: binNodeFlags(root, "packages/home/bin/mxtunnel-home.js"),
   };
 }
+
+const THIS_BUILD = agentBuild(ROOT);
+export const EDGE_CLI = THIS_BUILD.edgeCli;
+export const HOME_CLI = THIS_BUILD.homeCli;
+export const EDGE_NODE_FLAGS = THIS_BUILD.edgeFlags;
+export const HOME_NODE_FLAGS = THIS_BUILD.homeFlags;
 
 function deepSet(target, path, value) {
   const keys = path.split(".");

@@ -82,7 +82,7 @@ function link(ws, onOpen) {
       socket.destroy();
     }
   });
-  return { attach, send, sockets };
+  return { attach, send };
 }
 
 if (role === "front") {

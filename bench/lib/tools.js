@@ -64,7 +64,7 @@ export async function smtpSource(
 
 /**
  * One smtp-source load (`smtpSource`'s options) through `port`, with the CPU time per message of each
- * process in `pids` ({label: pid}, in ms) and the share of the machine left idle meanwhile.
+ * process in `pids` ({label: pid}, in ms), their sum, and the share of the machine left idle meanwhile.
  */
 export async function measuredLoad(port, pids, load) {
   const cpu0 = cpuSnapshot(pids);
@@ -75,7 +75,8 @@ export async function measuredLoad(port, pids, load) {
   const cpuPerMsgMs = Object.fromEntries(
     Object.entries(cpu).map(([label, seconds]) => [label, (seconds * 1000) / load.messages]),
   );
-  return { ...result, idle, cpuPerMsgMs };
+  const totalCpuPerMsgMs = Object.values(cpuPerMsgMs).reduce((sum, ms) => sum + ms, 0);
+  return { ...result, idle, cpuPerMsgMs, totalCpuPerMsgMs };
 }
 
 export async function startNodeProxy(targetPort) {

@@ -50,9 +50,7 @@ export async function run({ quick, runs, resultsDir, log }) {
     // The CPU per message of a path's processes together, or of each agent (`split`).
     const measure = async (port, pids, { count = messages, split = false } = {}) => {
       const load = await measuredLoad(port, pids, { sessions, messages: count, size });
-      if (split) return load;
-      const total = Object.values(load.cpuPerMsgMs).reduce((sum, ms) => sum + ms, 0);
-      return { ...load, cpuPerMsgMs: total };
+      return split ? load : { ...load, cpuPerMsgMs: load.totalCpuPerMsgMs };
     };
     for (let i = 0; i < runs; i++) {
       const rep = {};
