@@ -4,6 +4,8 @@
 // session gets its banner. Per-IP and total caps hold and other clients are served throughout.
 import { randomBytes } from "node:crypto";
 import { once } from "node:events";
+import * as fs from "node:fs/promises";
+import { readdir } from "node:fs/promises";
 import net from "node:net";
 import tls from "node:tls";
 import { SUBPROTOCOL, TUNNEL_PATH } from "@mxtunnel/shared";
@@ -178,6 +180,61 @@ describe("spool mode: deadlines of their own, generous idle time", () => {
     expect(huge ?? "421").toMatch(/^(421|5\d\d)/);
     tally.add("1000 recipients / over-long lines (spool)", { tried: 1002 - max, accepted: 0 });
   }, 60_000);
+});
+
+describe("spool mode: the client's FIN ends the session at once", () => {
+  let lab: SpoolLab;
+  /** While set, opening a spool file waits for it: the commit of a message is held. */
+  let hold: Promise<void> | undefined;
+  beforeAll(async () => {
+    const heldOpen = (async (...args: Parameters<typeof fs.open>) => {
+      await hold;
+      return fs.open(...args);
+    }) as typeof fs.open;
+    lab = await spoolLab({ "spool.messagesPerIpPerMinute": 100_000 }, { spoolOpenFile: heldOpen });
+    // Far longer than the waits below: a session closed within them was closed by the FIN itself.
+    lab.edge.agent.spool.server.deadlines.halfCloseMs = 60_000;
+  }, 60_000);
+  afterAll(cleanupAgents);
+
+  it("an idle session that half-closes is closed and counted out at once, not after the grace", async () => {
+    const { client } = await smtpConnect(lab.edge.smtpPort, "127.0.0.6");
+    expect(await client.command("EHLO fin.example")).toMatch(/^250/);
+    // A reply written just before the FIN still reaches the client.
+    client.send("NOOP\r\n");
+    client.socket.end();
+    await client.waitClosed(5_000);
+    expect(client.text()).toMatch(/\r\n250 [^\r]*\r\n$/);
+    await waitFor(() => lab.edge.agent.status().sessions.live === 0, {
+      what: "the half-closed session counted out",
+      timeoutMs: 5_000,
+    });
+  }, 30_000);
+
+  it("a FIN right after the final dot closes the session, and the message is still spooled once", async () => {
+    const before = lab.edge.agent.spool.store.size;
+    let release!: () => void;
+    hold = new Promise((resolve) => {
+      release = resolve;
+    });
+    try {
+      const { client } = await smtpConnect(lab.edge.smtpPort, "127.0.0.6");
+      await client.command("EHLO fin.example");
+      expect(await client.command("MAIL FROM:<fin@example.net>")).toMatch(/^250/);
+      expect(await client.command("RCPT TO:<alice@home.test>")).toMatch(/^250/);
+      expect(await client.command("DATA")).toMatch(/^354/);
+      client.send("Subject: fin after the dot\r\n\r\nbody\r\n.\r\n");
+      client.socket.end();
+      // Closed while the commit is still held: the FIN, not the commit or a deadline, ended it.
+      await client.waitClosed(5_000);
+      expect(lab.edge.agent.spool.store.size).toBe(before);
+    } finally {
+      release();
+      hold = undefined;
+    }
+    await waitFor(() => lab.edge.agent.spool.store.size === before + 1, { what: "the message spooled" });
+    expect(await readdir(lab.edge.agent.spool.store.tmpDir)).toEqual([]);
+  }, 30_000);
 });
 
 describe("live mode: caps and the session limit hold against slowloris and half-open connections", () => {

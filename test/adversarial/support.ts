@@ -5,6 +5,7 @@
 // JSON) so that SECURITY.md's table comes from real runs.
 import { mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import type { EdgeAgentOptions } from "@mxtunnel/edge";
 import { connectToEdge, type HomeState } from "@mxtunnel/home";
 import {
   AGENT_VERSION,
@@ -88,12 +89,16 @@ export interface SpoolLab {
  * An edge whose only home has synced alice@home.test and bob@home.test and then gone away: every
  * session on port 25 is answered by the edge's own smtp-server. The demo mailbox stands in for Postfix.
  */
-export async function spoolLab(edgeOverrides: Record<string, unknown> = {}): Promise<SpoolLab> {
+export async function spoolLab(
+  edgeOverrides: Record<string, unknown> = {},
+  options: { spoolOpenFile?: EdgeAgentOptions["spoolOpenFile"] } = {},
+): Promise<SpoolLab> {
   const box = await startMailbox();
   const recipientsFile = join(await tempDir("rcpt"), "recipients");
   await writeFile(recipientsFile, "alice@home.test\nbob@home.test\n");
   const edge = await makeEdge({
     overrides: { "spool.retryMin": 100, "spool.retryMax": 500, ...edgeOverrides },
+    ...(options.spoolOpenFile ? { spoolOpenFile: options.spoolOpenFile } : {}),
   });
   const homeOverrides = { "postfix.inject": `127.0.0.1:${box.port}`, "recipients.file": recipientsFile };
   const home = await makeHome(await edge.token(), homeOverrides, "spool-home");

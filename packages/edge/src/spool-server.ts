@@ -45,8 +45,11 @@ export interface SpoolDeadlines {
   /** From the DATA command to the final dot. */
   dataMs: number;
   /**
-   * After the client's FIN no command can complete any more; what is left is a reply already being
-   * worked on (an fsync, then 250). This is how long it gets before the edge closes its side too.
+   * After the client's FIN the edge ends its side at once: smtp-server writes no reply to a socket
+   * that is no longer open both ways, so waiting would only hold the session's memory and its
+   * connection slot (a message already received in full is still committed). This is how long the
+   * end may take (a client that does not read what was written before its FIN) before the
+   * connection is destroyed.
    */
   halfCloseMs: number;
 }
@@ -380,8 +383,8 @@ function keepListenersAcrossUpgrade(socket: net.Socket): void {
 
 /**
  * Watches one spool session's plaintext (the raw socket, then the TLS socket after STARTTLS): a
- * command line must end within commandMs of its first byte, DATA within dataMs, and after the
- * client's FIN the session gets halfCloseMs to finish. Past a deadline: 421 and the connection closes.
+ * command line must end within commandMs of its first byte, DATA within dataMs. Past a deadline: 421
+ * and the connection closes. The client's FIN ends the session (see SpoolDeadlines.halfCloseMs).
  */
 class SessionClock {
   private socket: net.Socket | undefined;
@@ -456,7 +459,10 @@ class SessionClock {
   private readonly onEnd = (): void => {
     if (this.stopped) return;
     const socket = this.socket;
-    this.halfCloseTimer = setTimeout(() => socket?.destroy(), this.deadlines.halfCloseMs);
+    if (!socket) return;
+    // What smtp-server wrote before the FIN arrived still goes out; then the connection closes.
+    socket.end();
+    this.halfCloseTimer = setTimeout(() => socket.destroy(), this.deadlines.halfCloseMs);
     this.halfCloseTimer.unref();
   };
 
