@@ -2,23 +2,26 @@
 // each spliced through the tunnel to smtp-sink; edge and home RSS with them held, and the banner
 // latency of further sessions meanwhile. Spool part (s4-spool.js, also "4-spool" on its own): the
 // same with home away, the edge answering as backup MX; compared with the live part of the same run.
+// Each run is a wave (1000 opened, held, dropped), at least WAVES of them one after another: what a
+// wave leaves behind (sessions not yet released, garbage not yet collected) shows in the peak RSS.
 import { startAgents } from "../lib/agents.js";
 import { cpuDelta, cpuSnapshot, sleep } from "../lib/proc.js";
 import { holdSessions, probeBanners as probe } from "../lib/smtp-client.js";
 import { fmt, median } from "../lib/stats.js";
 import { startSink } from "../lib/tools.js";
-import { run as runSpool } from "./s4-spool.js";
+import { run as runSpool, WAVES } from "./s4-spool.js";
 
 export const title = "4. Idle sessions held open (live path, then spool mode)";
 
 export async function run({ quick, runs, log }) {
   const sessions = quick ? 500 : 1000;
+  const waves = Math.max(runs, quick ? WAVES.quick : WAVES.full);
   const sink = await startSink();
   const agents = await startAgents({ inject: `127.0.0.1:${sink.port}` });
   const reps = [];
   try {
     await probe(agents.smtpPort, 20);
-    for (let i = 0; i < runs; i++) {
+    for (let i = 0; i < waves; i++) {
       const before = agents.memory();
       const unloaded = await probe(agents.smtpPort, 20);
       const c0 = cpuSnapshot(agents.pids());
@@ -36,7 +39,7 @@ export async function run({ quick, runs, log }) {
       const rep = { sessions, refused, openMs, cpuPerSessionMs, before, memory, unloaded, loaded };
       reps.push(rep);
       log(
-        `  run ${i + 1}: ${sessions} held (${refused} not 220) in ${fmt(openMs)} ms; RSS edge ` +
+        `  wave ${i + 1}: ${sessions} held (${refused} not 220) in ${fmt(openMs)} ms; RSS edge ` +
           `${fmt(memory.edge.rss)} MiB (idle ${fmt(before.edge.rss)}), home ${fmt(memory.home.rss)} MiB ` +
           `(idle ${fmt(before.home.rss)}); new-session banner p50 ${fmt(loaded.p50)} ms (unloaded ${fmt(unloaded.p50)})`,
       );
@@ -46,10 +49,12 @@ export async function run({ quick, runs, log }) {
     await sink.stop();
   }
   const result = {
-    params: { sessions, runs },
+    params: { sessions, waves },
     rssMiB: {
       edge: median(reps.map((r) => r.memory.edge.rss)),
       home: median(reps.map((r) => r.memory.home.rss)),
+      edgePeak: Math.max(...reps.map((r) => r.memory.edge.hwm)),
+      homePeak: Math.max(...reps.map((r) => r.memory.home.hwm)),
       edgeIdleBefore: median(reps.map((r) => r.before.edge.rss)),
       homeIdleBefore: median(reps.map((r) => r.before.home.rss)),
     },
@@ -70,7 +75,8 @@ export async function run({ quick, runs, log }) {
     reps,
   };
   log(
-    `  median: edge ${fmt(result.rssMiB.edge)} MiB, home ${fmt(result.rssMiB.home)} MiB at ${sessions} sessions; ` +
+    `  median of ${waves} waves: edge ${fmt(result.rssMiB.edge)} MiB, home ${fmt(result.rssMiB.home)} MiB at ${sessions} sessions ` +
+      `(peak ${fmt(result.rssMiB.edgePeak)} / ${fmt(result.rssMiB.homePeak)}); ` +
       `banner p50 with them held ${fmt(result.bannerMs.loadedP50)} ms`,
   );
   // Spool part, fresh agents, same session count and runs.

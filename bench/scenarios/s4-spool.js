@@ -10,8 +10,12 @@ import { startSink } from "../lib/tools.js";
 
 export const title = "4-spool. Idle sessions held open on the edge in spool mode (home away)";
 
+/** Waves of sessions one after another (at least; more with --runs): enough for leftovers to add up. */
+export const WAVES = { full: 10, quick: 4 };
+
 export async function run({ quick, runs, log }) {
   const sessions = quick ? 500 : 1000;
+  const waves = Math.max(runs, quick ? WAVES.quick : WAVES.full);
   const sink = await startSink();
   // Paired and live first (as in the live part), then home stops: every session is the edge's own.
   const agents = await startAgents({ inject: `127.0.0.1:${sink.port}` });
@@ -22,7 +26,7 @@ export async function run({ quick, runs, log }) {
     await waitFor("the edge to see home gone", async () => !(await homeConnected(agents.edgeDir)));
     banner = (await readBanner(agents.smtpPort)).line;
     await probeBanners(agents.smtpPort, 20);
-    for (let i = 0; i < runs; i++) {
+    for (let i = 0; i < waves; i++) {
       const before = agents.memory();
       const unloaded = await probeBanners(agents.smtpPort, 20);
       const c0 = cpuSnapshot({ edge: agents.edge.pid });
@@ -45,7 +49,7 @@ export async function run({ quick, runs, log }) {
       };
       reps.push(rep);
       log(
-        `  run ${i + 1}: ${sessions} held in spool mode (${held.refused} not 220) in ${fmt(held.openMs)} ms; ` +
+        `  wave ${i + 1}: ${sessions} held in spool mode (${held.refused} not 220) in ${fmt(held.openMs)} ms; ` +
           `RSS edge ${fmt(memory.edge.rss)} MiB (idle ${fmt(before.edge.rss)}); edge CPU ${fmt(rep.edgeCpuPerSessionMs)} ms ` +
           `per session opened; new-session banner p50 ${fmt(loaded.p50)} ms, max ${fmt(loaded.max)} (unloaded ${fmt(unloaded.p50)})`,
       );
@@ -55,7 +59,7 @@ export async function run({ quick, runs, log }) {
     await sink.stop();
   }
   const result = {
-    params: { sessions, runs },
+    params: { sessions, waves },
     banner,
     rssMiB: {
       edge: median(reps.map((r) => r.memory.edge.rss)),
@@ -76,7 +80,8 @@ export async function run({ quick, runs, log }) {
     reps,
   };
   log(
-    `  median (spool): edge ${fmt(result.rssMiB.edge)} MiB at ${sessions} sessions (idle ${fmt(result.rssMiB.edgeIdleBefore)}); ` +
+    `  median of ${waves} waves (spool): edge ${fmt(result.rssMiB.edge)} MiB at ${sessions} sessions (idle ` +
+      `${fmt(result.rssMiB.edgeIdleBefore)}, peak ${fmt(result.rssMiB.edgePeak)}); ` +
       `banner p50 with them held ${fmt(result.bannerMs.loadedP50)} ms (unloaded ${fmt(result.bannerMs.unloadedP50)})`,
   );
   return result;
