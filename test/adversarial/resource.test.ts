@@ -5,7 +5,6 @@
 import { randomBytes } from "node:crypto";
 import { once } from "node:events";
 import * as fs from "node:fs/promises";
-import { readdir } from "node:fs/promises";
 import net from "node:net";
 import tls from "node:tls";
 import { SUBPROTOCOL, TUNNEL_PATH } from "@mxtunnel/shared";
@@ -233,7 +232,7 @@ describe("spool mode: the client's FIN ends the session at once", () => {
       hold = undefined;
     }
     await waitFor(() => lab.edge.agent.spool.store.size === before + 1, { what: "the message spooled" });
-    expect(await readdir(lab.edge.agent.spool.store.tmpDir)).toEqual([]);
+    expect(await fs.readdir(lab.edge.agent.spool.store.tmpDir)).toEqual([]);
   }, 30_000);
 });
 
