@@ -10,10 +10,10 @@
 // seen/<key>: relay ids of messages that have left the queue (the entry's .json, moved there in the
 // same step that removes the entry, so no state lacks both). Bodies are never logged or listed.
 import { createHash, randomBytes } from "node:crypto";
-import { mkdir, open, readdir, readFile, rename, stat, unlink } from "node:fs/promises";
+import { mkdir, readdir, readFile, rename, stat, unlink } from "node:fs/promises";
 import net from "node:net";
 import os from "node:os";
-import { basename, dirname, join } from "node:path";
+import { join } from "node:path";
 import {
   buildDsn,
   ConfigError,
@@ -24,6 +24,7 @@ import {
   type Logger,
   type MuxStream,
   readCaFile,
+  stageFile,
   TokenBucket,
   wantsFailureDsn,
   writeFileAtomic,
@@ -503,8 +504,8 @@ export class OutboundQueue {
     const body = join(this.dir, `${entry.id}.eml`);
     const envelope = join(this.dir, `${entry.id}.json`);
     const staged = await Promise.allSettled([
-      stageFile(body, message),
-      stageFile(envelope, JSON.stringify(entry)),
+      stageFile(body, message, { mode: 0o600 }),
+      stageFile(envelope, JSON.stringify(entry), { mode: 0o600 }),
     ]);
     const temps = staged.flatMap((s) => (s.status === "fulfilled" ? [s.value] : []));
     try {
@@ -843,25 +844,6 @@ export class OutboundQueue {
 /** NOTIFY=NEVER, or a NOTIFY list without FAILURE, asks for no failure DSN (RFC 3461). */
 function wantsFailureNotice(r: QueueRecipient): boolean {
   return wantsFailureDsn(r.params.NOTIFY);
-}
-
-/**
- * Writes `data` to a new temporary file beside `path` (mode 0600) and fsyncs it; the caller renames
- * it into place and syncs the directory. Returns the temporary file's path.
- */
-async function stageFile(path: string, data: string | Uint8Array): Promise<string> {
-  const temp = join(dirname(path), `.${basename(path)}.${process.pid}.${randomBytes(6).toString("hex")}.tmp`);
-  const handle = await open(temp, "wx", 0o600);
-  try {
-    await handle.writeFile(data);
-    await handle.sync();
-  } catch (error) {
-    await handle.close().catch(() => {});
-    await unlink(temp).catch(() => {});
-    throw error;
-  }
-  await handle.close();
-  return temp;
 }
 
 /** A home's relay ids live in their own space: one home cannot shadow another's. */

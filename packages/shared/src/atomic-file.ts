@@ -2,6 +2,7 @@
 // fsync-dir, so a crash leaves either the old file or the new one, never a torn one; plus the lock
 // file that keeps two CLI commands from writing the same state directory at once.
 import { randomBytes } from "node:crypto";
+import { close as closeFd, fchmod, fsync as fsyncFd, open as openFd, write as writeFd } from "node:fs";
 import { link, open, readFile, rename, stat, unlink } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import { StateError } from "./errors.js";
@@ -14,27 +15,102 @@ export interface WriteFileAtomicOptions {
 }
 
 /**
- * Replaces `path` with `data` atomically and durably. The temporary file lives in the same directory
- * (rename is only atomic within a file system) and is removed if any step fails; the error (ENOSPC,
- * EACCES, …) propagates and the old file, if any, is untouched.
+ * A file descriptor behind node:fs's callback calls: no FileHandle object to create, track and close
+ * for a file written per message (the spool, the outbound queue, the directory fsync after every
+ * durable rename). Whoever opens one closes it on every path.
+ */
+export class DescriptorFile {
+  private constructor(readonly fd: number) {}
+
+  static open(path: string, flags: string, mode?: number): Promise<DescriptorFile> {
+    return new Promise((resolve, reject) =>
+      openFd(path, flags, mode, (error, fd) => (error ? reject(error) : resolve(new DescriptorFile(fd)))),
+    );
+  }
+
+  write(buffer: Uint8Array, offset: number, length: number): Promise<{ bytesWritten: number }> {
+    return new Promise((resolve, reject) =>
+      writeFd(this.fd, buffer, offset, length, null, (error, bytesWritten) =>
+        error ? reject(error) : resolve({ bytesWritten }),
+      ),
+    );
+  }
+
+  /** Writes all of `data`, continuing after a short write. */
+  async writeAll(data: string | Uint8Array): Promise<void> {
+    const bytes = typeof data === "string" ? Buffer.from(data) : data;
+    for (let offset = 0; offset < bytes.byteLength; ) {
+      offset += (await this.write(bytes, offset, bytes.byteLength - offset)).bytesWritten;
+    }
+  }
+
+  chmod(mode: number): Promise<void> {
+    return new Promise((resolve, reject) =>
+      fchmod(this.fd, mode, (error) => (error ? reject(error) : resolve())),
+    );
+  }
+
+  sync(): Promise<void> {
+    return new Promise((resolve, reject) => fsyncFd(this.fd, (error) => (error ? reject(error) : resolve())));
+  }
+
+  close(): Promise<void> {
+    return new Promise((resolve, reject) => closeFd(this.fd, (error) => (error ? reject(error) : resolve())));
+  }
+}
+
+export interface StageFileOptions {
+  /** The new file's mode, filtered by the umask unless `exactMode`. Default 0o666. */
+  mode?: number;
+  /** Applies `mode` exactly (an fchmod after the open), not filtered by the umask. */
+  exactMode?: boolean;
+}
+
+/**
+ * Writes `data` to a new temporary file beside `path` and fsyncs it; the caller puts it in place
+ * (rename, or link for no-clobber) and syncs the directory. The temporary file lives in the same
+ * directory (rename is only atomic within a file system) and is removed if a step fails; the error
+ * (ENOSPC, EACCES, …) propagates. Returns the temporary file's path.
+ */
+export async function stageFile(
+  path: string,
+  data: string | Uint8Array,
+  options: StageFileOptions = {},
+): Promise<string> {
+  const temp = join(dirname(path), `.${basename(path)}.${process.pid}.${randomBytes(6).toString("hex")}.tmp`);
+  const mode = options.mode ?? 0o666;
+  const file = await DescriptorFile.open(temp, "wx", mode);
+  try {
+    try {
+      if (options.exactMode) await file.chmod(mode);
+      await file.writeAll(data);
+      await file.sync();
+    } finally {
+      await file.close();
+    }
+  } catch (error) {
+    await unlink(temp).catch(() => undefined);
+    throw error;
+  }
+  return temp;
+}
+
+/**
+ * Replaces `path` with `data` atomically and durably (stageFile, then rename or link, then the
+ * directory's fsync). If any step fails the error propagates and the old file, if any, is untouched.
  */
 export async function writeFileAtomic(
   path: string,
   data: string | Uint8Array,
   options: WriteFileAtomicOptions = {},
 ): Promise<void> {
-  const dir = dirname(path);
-  const temp = join(dir, `.${basename(path)}.${process.pid}.${randomBytes(6).toString("hex")}.tmp`);
-  const handle = await open(temp, "wx", options.mode ?? 0o666);
+  const temp = await stageFile(
+    path,
+    data,
+    options.mode === undefined ? {} : { mode: options.mode, exactMode: true },
+  );
   let placed = false;
   try {
-    try {
-      if (options.mode !== undefined) await handle.chmod(options.mode);
-      await handle.writeFile(data);
-      await handle.sync();
-    } finally {
-      await handle.close();
-    }
     if (options.exclusive) {
       await link(temp, path);
       await unlink(temp);
@@ -42,7 +118,7 @@ export async function writeFileAtomic(
       await rename(temp, path);
     }
     placed = true;
-    await fsyncDirectory(dir);
+    await fsyncDirectory(dirname(path));
   } finally {
     if (!placed) await unlink(temp).catch(() => undefined);
   }
@@ -50,11 +126,11 @@ export async function writeFileAtomic(
 
 /** Makes a rename or unlink in `dir` durable. */
 export async function fsyncDirectory(dir: string): Promise<void> {
-  const handle = await open(dir, "r");
+  const file = await DescriptorFile.open(dir, "r");
   try {
-    await handle.sync();
+    await file.sync();
   } finally {
-    await handle.close();
+    await file.close();
   }
 }
 

@@ -11,19 +11,13 @@
 // recipient makes the first chunk fail authentication. box.before is NaCl's: HSalsa20 (zero nonce)
 // of the X25519 result; the X25519 part runs in node:crypto.
 import { createHash, hkdfSync, randomBytes, timingSafeEqual } from "node:crypto";
-import {
-  close as closeFd,
-  createReadStream,
-  fsync as fsyncFd,
-  open as openFd,
-  write as writeFd,
-} from "node:fs";
+import { createReadStream } from "node:fs";
 import { type FileHandle, link, open, unlink } from "node:fs/promises";
 import { isIP } from "node:net";
 import { join } from "node:path";
 import type { Readable } from "node:stream";
 import nacl from "tweetnacl";
-import { fsyncDirectory } from "./atomic-file.js";
+import { DescriptorFile, fsyncDirectory } from "./atomic-file.js";
 import { CryptoError, StateError } from "./errors.js";
 import { GroupCommit } from "./group-commit.js";
 import { encodeKey, keyFingerprint } from "./keys.js";
@@ -684,37 +678,6 @@ export interface SpoolFileWriterOptions {
   tmpDir?: string;
   /** Fault injection for tests (node:fs/promises' open fits). */
   open?: SpoolFileOpener;
-}
-
-/**
- * A file descriptor behind node:fs's callback calls. Per call it costs the edge's one thread less than
- * a FileHandle (no promise-wrapped handle object to track and close); the backlog writes five calls per
- * message. The writer closes it on every path.
- */
-class DescriptorFile implements SpoolFileHandle {
-  constructor(private readonly fd: number) {}
-
-  static open(path: string, flags: string, mode: number): Promise<SpoolFileHandle> {
-    return new Promise((resolve, reject) =>
-      openFd(path, flags, mode, (error, fd) => (error ? reject(error) : resolve(new DescriptorFile(fd)))),
-    );
-  }
-
-  write(buffer: Buffer, offset: number, length: number): Promise<{ bytesWritten: number }> {
-    return new Promise((resolve, reject) =>
-      writeFd(this.fd, buffer, offset, length, null, (error, bytesWritten) =>
-        error ? reject(error) : resolve({ bytesWritten }),
-      ),
-    );
-  }
-
-  sync(): Promise<void> {
-    return new Promise((resolve, reject) => fsyncFd(this.fd, (error) => (error ? reject(error) : resolve())));
-  }
-
-  close(): Promise<void> {
-    return new Promise((resolve, reject) => closeFd(this.fd, (error) => (error ? reject(error) : resolve())));
-  }
 }
 
 export interface SpoolCommit {

@@ -12,27 +12,44 @@ import {
 } from "../src/atomic-file.js";
 import { StateError } from "../src/errors.js";
 
-// Failure injection: the module under test imports node:fs/promises, so a partial mock lets a test make
-// one write or rename fail the way a full disk would.
+// Failure injection: the module under test writes through node:fs's callbacks and renames through
+// node:fs/promises, so partial mocks let a test make one write fail (or come up short) the way a full
+// disk would, or one rename fail.
 const failures = vi.hoisted(() => ({
   write: undefined as Error | undefined,
+  /** The next write writes only half of what it was asked to. */
+  shortWrite: false,
   rename: undefined as Error | undefined,
 }));
+vi.mock("node:fs", async (importOriginal) => {
+  const actual = await importOriginal<typeof import("node:fs")>();
+  type Callback = (error: Error | null, written?: number) => void;
+  return {
+    ...actual,
+    write: (
+      fd: number,
+      buffer: Uint8Array,
+      offset: number,
+      length: number,
+      position: null,
+      callback: Callback,
+    ) => {
+      const failure = failures.write;
+      failures.write = undefined;
+      if (failure) {
+        process.nextTick(callback, failure);
+        return;
+      }
+      const short = failures.shortWrite && length > 1;
+      failures.shortWrite = false;
+      actual.write(fd, buffer, offset, short ? Math.floor(length / 2) : length, position, callback);
+    },
+  };
+});
 vi.mock("node:fs/promises", async (importOriginal) => {
   const actual = await importOriginal<typeof import("node:fs/promises")>();
   return {
     ...actual,
-    open: async (...args: Parameters<typeof actual.open>) => {
-      const handle = await actual.open(...args);
-      const failure = failures.write;
-      if (failure && args[1] === "wx") {
-        failures.write = undefined;
-        handle.writeFile = async () => {
-          throw failure;
-        };
-      }
-      return handle;
-    },
     rename: async (...args: Parameters<typeof actual.rename>) => {
       const failure = failures.rename;
       failures.rename = undefined;
@@ -83,6 +100,14 @@ describe("writeFileAtomic", () => {
     await expect(writeFileAtomic(path, "new")).rejects.toMatchObject({ code: "ENOSPC" });
     expect(await fs.readFile(path, "utf8")).toBe("old");
     expect(await fs.readdir(dir)).toEqual(["state.json"]);
+  });
+
+  it("writes all of the data when a write comes up short", async () => {
+    const path = join(dir, "state.json");
+    failures.shortWrite = true;
+    await writeFileAtomic(path, "x".repeat(10_000));
+    expect(failures.shortWrite).toBe(false);
+    expect(await fs.readFile(path, "utf8")).toBe("x".repeat(10_000));
   });
 
   it("leaves the old file intact and removes the temp file when the rename fails", async () => {
