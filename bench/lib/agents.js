@@ -43,7 +43,8 @@ function deepSet(target, path, value) {
   node[keys.at(-1)] = value;
 }
 
-async function editJson(file, settings) {
+/** Sets `settings` (dotted paths) in an agent's JSON config file. */
+export async function editJson(file, settings) {
   const data = JSON.parse(await readFile(file, "utf8"));
   for (const [path, value] of Object.entries(settings)) deepSet(data, path, value);
   await writeFile(file, `${JSON.stringify(data, null, 2)}\n`, { mode: 0o600 });
