@@ -2,20 +2,20 @@
 // each spliced through the tunnel to smtp-sink; edge and home RSS with them held, and the banner
 // latency of further sessions meanwhile. Spool part (s4-spool.js, also "4-spool" on its own): the
 // same with home away, the edge answering as backup MX; compared with the live part of the same run.
-// Each run is a wave (1000 opened, held, dropped), at least WAVES of them one after another: what a
+// Each run is a wave (1000 opened, held, dropped), waveCount() of them one after another: what a
 // wave leaves behind (sessions not yet released, garbage not yet collected) shows in the peak RSS.
 import { startAgents } from "../lib/agents.js";
 import { cpuDelta, cpuSnapshot, sleep } from "../lib/proc.js";
 import { holdSessions, probeBanners as probe } from "../lib/smtp-client.js";
 import { fmt, median } from "../lib/stats.js";
 import { startSink } from "../lib/tools.js";
-import { run as runSpool, WAVES } from "./s4-spool.js";
+import { run as runSpool, waveCount } from "./s4-spool.js";
 
 export const title = "4. Idle sessions held open (live path, then spool mode)";
 
 export async function run({ quick, runs, log }) {
   const sessions = quick ? 500 : 1000;
-  const waves = Math.max(runs, quick ? WAVES.quick : WAVES.full);
+  const waves = waveCount({ quick, runs });
   const sink = await startSink();
   const agents = await startAgents({ inject: `127.0.0.1:${sink.port}` });
   const reps = [];

@@ -10,12 +10,14 @@ import { startSink } from "../lib/tools.js";
 
 export const title = "4-spool. Idle sessions held open on the edge in spool mode (home away)";
 
-/** Waves of sessions one after another (at least; more with --runs): enough for leftovers to add up. */
-export const WAVES = { full: 10, quick: 4 };
+/** Waves of sessions one after another: 10 (4 with --quick), more with --runs; enough for leftovers to add up. */
+export function waveCount({ quick, runs }) {
+  return Math.max(runs, quick ? 4 : 10);
+}
 
 export async function run({ quick, runs, log }) {
   const sessions = quick ? 500 : 1000;
-  const waves = Math.max(runs, quick ? WAVES.quick : WAVES.full);
+  const waves = waveCount({ quick, runs });
   const sink = await startSink();
   // Paired and live first (as in the live part), then home stops: every session is the edge's own.
   const agents = await startAgents({ inject: `127.0.0.1:${sink.port}` });

@@ -174,6 +174,8 @@ export async function run({ quick, runs, log }) {
         messages: waiting,
         seconds: drainMs / 1000,
         rate: waiting / (drainMs / 1000),
+        cpuPerMsgMs: drainCpuPerMsgMs,
+        idle: drainIdle,
       },
       runs: reps.map((r) => ({
         sink: r.sink.rate,
